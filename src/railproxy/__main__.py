@@ -1,0 +1,3 @@
+from railproxy.cli import main
+
+main()

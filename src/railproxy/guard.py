@@ -1,0 +1,126 @@
+"""The guard: text -> Decision, running normalise, embed, match and decide.
+
+A `Guard` holds one immutable `Snapshot` (rails + index) at a time. `reload()`
+builds a new snapshot off to the side and swaps it in with one assignment, so
+each check sees exactly one snapshot, and a failed reload leaves the old one
+serving. Every failure inside the guard surfaces as `GuardUnavailable` so the
+doors can fail closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from railproxy.decide import Decision, decide
+from railproxy.embed import Embedder, SentenceTransformerEmbedder
+from railproxy.errors import GuardUnavailable, InputError, InputTooLong, RailproxyError
+from railproxy.index import IntentIndex, load_index
+from railproxy.match import nearest, score_intents
+from railproxy.normalize import normalize
+from railproxy.rails import RailSet, load_rails
+
+logger = logging.getLogger(__name__)
+
+SCORE_TOP = 1  # examples averaged per intent; see match.score_intents
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    rails: RailSet
+    index: IntentIndex
+
+
+def open_snapshot(root: Path, embedder: Embedder) -> Snapshot:
+    """Load rails and their index, refusing a stale, corrupt or mismatched index."""
+    rails = load_rails(root)
+    index = load_index(root, model=embedder.name)
+    if index.dimension != embedder.dimension:
+        raise GuardUnavailable(
+            f"the index has dimension {index.dimension}, the model {embedder.dimension}"
+        )
+    if index.digest != rails.digest:  # the rails changed between the two reads
+        raise GuardUnavailable(f"{root} changed while loading; try again")
+    return Snapshot(rails, index)
+
+
+class Guard:
+    """Decides what happens to a user text. Thread-safe; share one per process."""
+
+    def __init__(self, root: Path | str, embedder: Embedder | None = None) -> None:
+        self.root = Path(root)
+        if embedder is None:
+            embedder = SentenceTransformerEmbedder(load_rails(self.root).config.model)
+        self.embedder = embedder
+        self._snapshot = open_snapshot(self.root, embedder)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def rails(self) -> RailSet:
+        return self._snapshot.rails
+
+    def reload(self) -> Snapshot:
+        """Swap in the current rails and index. On error the old snapshot keeps serving."""
+        snapshot = open_snapshot(self.root, self.embedder)
+        self._snapshot = snapshot
+        return snapshot
+
+    def prepare(self, text: str) -> str:
+        """Normalise and size-check one text. Raises InputError/InputTooLong (HTTP 400)."""
+        limit = self.rails.config.server.max_input_chars
+        if len(text) > limit:
+            raise InputTooLong(f"the message is {len(text)} characters; the limit is {limit}")
+        cleaned = normalize(text)
+        if not cleaned:
+            raise InputError("the message has no text to check")
+        tokens = self.embedder.count_tokens(cleaned)
+        if tokens > self.embedder.max_tokens:
+            # Never truncate silently: the unread tail could carry anything.
+            raise InputTooLong(
+                f"the message is {tokens} tokens; the model reads at most "
+                f"{self.embedder.max_tokens}"
+            )
+        return cleaned
+
+    def check(self, text: str) -> Decision:
+        """The decision for one user text."""
+        return self.check_many([text])[0]
+
+    def check_many(self, texts: Sequence[str]) -> list[Decision]:
+        """Decisions for many texts, embedded in one batch. Raises on the first bad text."""
+        snapshot = self._snapshot  # one snapshot for the whole call
+        cleaned = [self.prepare(text) for text in texts]
+        try:
+            vectors = self.embedder.embed(cleaned)
+            rows = nearest(snapshot.index, vectors)
+        except RailproxyError:
+            raise
+        except Exception as exc:  # the model or FAISS failed: fail closed
+            logger.exception("guard failure")
+            raise GuardUnavailable(f"the guard failed: {type(exc).__name__}") from exc
+        decisions = []
+        for text, matches in zip(cleaned, rows, strict=True):
+            scores = score_intents(matches, top=SCORE_TOP)
+            decisions.append(decide(snapshot.rails, scores, matches, user_text=text))
+        return decisions
+
+    async def acheck(self, text: str) -> Decision:
+        """`check` off the event loop, bounded by the rails' guard timeout (fail closed)."""
+        limit = self.rails.config.server.timeouts.guard
+        try:
+            with anyio.fail_after(limit):
+                return await anyio.to_thread.run_sync(self.check, text, abandon_on_cancel=True)
+        except TimeoutError as exc:
+            raise GuardUnavailable(f"the guard did not answer within {limit} s") from exc
+
+    def warm_up(self) -> None:
+        """Run one embedding so the first request does not pay for lazy initialisation."""
+        self.embedder.embed(["warm up"])
