@@ -57,12 +57,12 @@ def reindex(rails_dir: Path) -> None:
 
     Examples whose text and model are unchanged reuse their stored vectors.
     """
-    from railproxy.embed import SentenceTransformerEmbedder
+    from railproxy.embed import make_embedder
     from railproxy.index import build_index, count_to_embed
     from railproxy.rails import load_rails
 
     rails = load_rails(rails_dir)
-    embedder = SentenceTransformerEmbedder(rails.config.model)
+    embedder = make_embedder(rails.config.model)
     todo = count_to_embed(rails, embedder)
     with click.progressbar(length=todo, label="Embedding", file=sys.stderr) as bar:
         report = build_index(rails, embedder, progress=bar.update)
@@ -163,12 +163,17 @@ def _guard(rails_dir: Path) -> Iterator[Any]:
     yield Guard(rails_dir)
 
 
-def _register_serve() -> None:
+def _register(module: str, *names: str) -> None:
+    """Add commands that live beside their subject (serve in serve.py, ...)."""
+    import importlib
+
     try:
-        from railproxy.serve import serve
-    except ImportError:  # pragma: no cover - only while the proxy is being built
+        loaded = importlib.import_module(f"railproxy.{module}")
+    except ImportError:  # pragma: no cover - only while a door is being built
         return
-    cli.add_command(serve)
+    for name in names:
+        cli.add_command(getattr(loaded, name))
 
 
-_register_serve()
+_register("serve", "serve")
+_register("quality_cli", "test_command", "lint", "calibrate")

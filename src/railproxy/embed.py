@@ -106,3 +106,8 @@ class SentenceTransformerEmbedder:
             show_progress_bar=False,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def make_embedder(model: str | None = None) -> Embedder:
+    """The embedder railproxy uses for `model` (None = the bundled default)."""
+    return SentenceTransformerEmbedder(model)

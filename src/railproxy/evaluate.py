@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from railproxy.decide import Decision, decide
-from railproxy.errors import RailproxyError
+from railproxy.errors import InputError, RailproxyError
 from railproxy.guard import Guard
 
 BATCH = 64
@@ -83,10 +83,25 @@ def read_examples(path: Path) -> list[Example]:
 
 
 def decide_all(guard: Guard, texts: Sequence[str]) -> list[Decision]:
-    decisions: list[Decision] = []
-    for start in range(0, len(texts), BATCH):
-        decisions.extend(guard.check_many(texts[start : start + BATCH]))
-    return decisions
+    """A decision per text. A text the guard rejects as input (too long, empty)
+    becomes a no_match without scores: the proxy answers it with a 400, so it is
+    never approved."""
+    rejected: dict[int, Decision] = {}
+    usable: list[str] = []
+    for position, text in enumerate(texts):
+        try:
+            guard.prepare(text)
+        except InputError as exc:
+            rejected[position] = Decision(
+                "no_match", None, -1.0, float("nan"), (), guard.rails.digest, message=str(exc)
+            )
+        else:
+            usable.append(text)
+    decided: list[Decision] = []
+    for start in range(0, len(usable), BATCH):
+        decided.extend(guard.check_many(usable[start : start + BATCH]))
+    remaining = iter(decided)
+    return [rejected[i] if i in rejected else next(remaining) for i in range(len(texts))]
 
 
 def evaluate(guard: Guard, examples: Sequence[Example], thresholds: Iterable[float] = ()) -> Report:
@@ -123,7 +138,10 @@ def sweep_point(
     """
     rails = guard.rails
     everyone = dict.fromkeys(rails.by_name, t)
-    redone = [decide(rails, d.scores, d.neighbours, thresholds=everyone) for d in decisions]
+    redone = [
+        decide(rails, d.scores, d.neighbours, thresholds=everyone) if d.scores else d
+        for d in decisions
+    ]
     return _point(examples, redone) | {"threshold": round(t, 4)}
 
 
@@ -140,3 +158,21 @@ def _point(examples: Sequence[Example], decisions: Sequence[Decision]) -> dict[s
         "accuracy": correct / in_scope if in_scope else float("nan"),
         "oos_recall": rejected / out if out else float("nan"),
     }
+
+
+def operating_point(
+    guard: Guard,
+    examples: Sequence[Example],
+    decisions: Sequence[Decision],
+    min_recall: float,
+    thresholds: Iterable[float],
+) -> dict[str, float] | None:
+    """The global threshold with the best accuracy whose out-of-scope recall is >= min_recall."""
+    best = None
+    for t in thresholds:
+        point = sweep_point(guard, examples, decisions, t)
+        if point["oos_recall"] >= min_recall and (
+            best is None or point["accuracy"] > best["accuracy"]
+        ):
+            best = point
+    return best

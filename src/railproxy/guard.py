@@ -10,7 +10,7 @@ doors can fail closed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +18,16 @@ import anyio
 import anyio.to_thread
 
 from railproxy.decide import Decision, decide
-from railproxy.embed import Embedder, SentenceTransformerEmbedder
+from railproxy.embed import Embedder, make_embedder
 from railproxy.errors import GuardUnavailable, InputError, InputTooLong, RailproxyError
 from railproxy.index import IntentIndex, load_index
-from railproxy.match import nearest, score_intents
+from railproxy.match import Match, nearest, score_intents
 from railproxy.normalize import normalize
 from railproxy.rails import RailSet, load_rails
 
 logger = logging.getLogger(__name__)
 
-SCORE_TOP = 1  # examples averaged per intent; see match.score_intents
+Scorer = Callable[[Sequence[Match]], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,13 @@ def open_snapshot(root: Path, embedder: Embedder) -> Snapshot:
 class Guard:
     """Decides what happens to a user text. Thread-safe; share one per process."""
 
-    def __init__(self, root: Path | str, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self, root: Path | str, embedder: Embedder | None = None, *, scorer: Scorer = score_intents
+    ) -> None:
         self.root = Path(root)
+        self.scorer = scorer  # per-intent scores from neighbours; swappable for benchmarks
         if embedder is None:
-            embedder = SentenceTransformerEmbedder(load_rails(self.root).config.model)
+            embedder = make_embedder(load_rails(self.root).config.model)
         self.embedder = embedder
         self._snapshot = open_snapshot(self.root, embedder)
 
@@ -108,7 +111,7 @@ class Guard:
             raise GuardUnavailable(f"the guard failed: {type(exc).__name__}") from exc
         decisions = []
         for text, matches in zip(cleaned, rows, strict=True):
-            scores = score_intents(matches, top=SCORE_TOP)
+            scores = self.scorer(matches)
             decisions.append(decide(snapshot.rails, scores, matches, user_text=text))
         return decisions
 

@@ -66,3 +66,8 @@ def score_intents(matches: Sequence[Match], top: int = 1) -> dict[str, float]:
         if len(per_intent[match.intent]) < top:
             per_intent[match.intent].append(match.score)
     return {intent: sum(s) / len(s) for intent, s in per_intent.items()}
+
+
+def nearest_neighbour(matches: Sequence[Match]) -> dict[str, float]:
+    """The baseline rule: an intent scores the similarity of its nearest example."""
+    return score_intents(matches, top=1)
