@@ -8,7 +8,6 @@ import pytest
 
 from railproxy.decide import decide
 from railproxy.errors import GuardUnavailable
-from railproxy.match import Match, score_intents
 from railproxy.rails import RailSet, load_rails
 from tests.conftest import write_rails
 
@@ -77,19 +76,3 @@ def test_never_approves_on_garbage(rails: RailSet, scores: dict[str, float]) -> 
 def test_threshold_override(rails: RailSet) -> None:
     assert decide(rails, {"ask": 0.5}, [], thresholds={"ask": 0.4}).action == "prompt"
     assert decide(rails, {"ask": 0.7}, [], thresholds={"ask": 0.8}).action == "no_match"
-
-
-def test_score_intents_means_top_examples() -> None:
-    matches = [
-        Match("a", "1", 0.9),
-        Match("b", "1", 0.8),
-        Match("a", "2", 0.7),
-        Match("a", "3", 0.1),
-    ]
-    assert score_intents(matches, top=1) == {"a": 0.9, "b": 0.8}
-    assert score_intents(matches, top=2) == pytest.approx({"a": 0.8, "b": 0.8})
-
-
-def test_score_intents_rejects_nan() -> None:
-    with pytest.raises(GuardUnavailable):
-        score_intents([Match("a", "1", float("nan"))])

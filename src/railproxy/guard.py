@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 
 from railproxy.decide import Decision, decide
-from railproxy.embed import Embedder, make_embedder
+from railproxy.embed import Embedder, Vectors, make_embedder
 from railproxy.errors import GuardUnavailable, InputError, InputTooLong, RailproxyError
 from railproxy.index import IntentIndex, load_index
 from railproxy.match import Match, nearest, score_intents
@@ -27,7 +27,10 @@ from railproxy.rails import RailSet, load_rails
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[Sequence[Match]], Mapping[str, float]]
+# (index, query vectors, their neighbours, rails) -> per-intent scores for each query
+Scorer = Callable[
+    [IntentIndex, Vectors, Sequence[Sequence[Match]], RailSet], Sequence[Mapping[str, float]]
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ def open_snapshot(root: Path, embedder: Embedder) -> Snapshot:
         )
     if index.digest != rails.digest:  # the rails changed between the two reads
         raise GuardUnavailable(f"{root} changed while loading; try again")
+    unknown = set(index.intents) - rails.by_name.keys()
+    if unknown:
+        raise GuardUnavailable(f"the index names intents the rails lack: {sorted(unknown)[:3]}")
+    _ = index.centroids  # computed now, not on the first request
     return Snapshot(rails, index)
 
 
@@ -104,14 +111,14 @@ class Guard:
         try:
             vectors = self.embedder.embed(cleaned)
             rows = nearest(snapshot.index, vectors)
+            all_scores = self.scorer(snapshot.index, vectors, rows, snapshot.rails)
         except RailproxyError:
             raise
         except Exception as exc:  # the model or FAISS failed: fail closed
             logger.exception("guard failure")
             raise GuardUnavailable(f"the guard failed: {type(exc).__name__}") from exc
         decisions = []
-        for text, matches in zip(cleaned, rows, strict=True):
-            scores = self.scorer(matches)
+        for text, matches, scores in zip(cleaned, rows, all_scores, strict=True):
             decisions.append(decide(snapshot.rails, scores, matches, user_text=text))
         return decisions
 

@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,23 @@ class IntentIndex:
     entries: tuple[Entry, ...]
     faiss_index: Any
     manifest_path: Path
+
+    @cached_property
+    def intents(self) -> tuple[str, ...]:
+        """Intent names in first-seen order; row i of `centroids` is intent i."""
+        return tuple(dict.fromkeys(entry.intent for entry in self.entries))
+
+    @cached_property
+    def centroids(self) -> Vectors:
+        """Each intent's normalised mean example vector, one row per intent."""
+        vectors = self.vectors()
+        row = {name: i for i, name in enumerate(self.intents)}
+        sums = np.zeros((len(self.intents), self.dimension), dtype=np.float64)
+        np.add.at(sums, [row[e.intent] for e in self.entries], vectors)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        if not np.all(norms > 0):
+            raise CorruptIndex("an intent's examples cancel out; its centroid is undefined")
+        return np.ascontiguousarray(sums / norms, dtype=np.float32)
 
     def vectors(self) -> Vectors:
         """All vectors, row i for entry i."""

@@ -8,7 +8,6 @@ from the nearest examples; see its docstring for the rule and why.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 from railproxy.embed import Vectors
 from railproxy.errors import GuardUnavailable
 from railproxy.index import IntentIndex
+from railproxy.rails import RailSet
 
 NEIGHBOURS = 32  # examples fetched per query; enough to score every plausible intent
 
@@ -53,21 +53,47 @@ def nearest(index: IntentIndex, vectors: Vectors, k: int = NEIGHBOURS) -> list[l
     return results
 
 
-def score_intents(matches: Sequence[Match], top: int = 1) -> dict[str, float]:
-    """Each intent's score: the mean of its `top` best example similarities.
+def score_intents(
+    index: IntentIndex, vectors: Vectors, neighbours: Sequence[Sequence[Match]], rails: RailSet
+) -> list[dict[str, float]]:
+    """The shipped rule: each intent scores the cosine between the query and the
+    intent's centroid (the normalised mean of its example vectors).
 
-    With top=1 this is the nearest-neighbour rule. Intents with fewer than `top`
-    examples among the neighbours average what they have.
+    Measured on CLINC150 with 10 examples per intent (bench/decision_rules.py),
+    the centroid rule gives 0.815 in-scope accuracy at 0.90 out-of-scope recall
+    against 0.738 for nearest-neighbour: averaging the examples cancels their
+    individual quirks, so stray similarity to one example no longer approves.
+
+    A refusal intent scores the higher of its centroid cosine and its nearest
+    example's cosine: refusals fire on any one close example, approvals need
+    the whole intent. Scores stay plain cosines in [-1, 1].
     """
-    per_intent: dict[str, list[float]] = defaultdict(list)
-    for match in matches:
+    centroid = np.asarray(vectors, dtype=np.float32) @ index.centroids.T
+    if not np.all(np.isfinite(centroid)):
+        raise GuardUnavailable("a similarity score is not a number")
+    refusals = {i.name for i in rails.intents if i.action == "refuse"}
+    results = []
+    for row, matches in zip(centroid.tolist(), neighbours, strict=True):
+        scores = dict(zip(index.intents, row, strict=True))
+        for intent, best in _nearest_per_intent(matches).items():
+            if intent in refusals and best > scores[intent]:
+                scores[intent] = best
+        results.append(scores)
+    return results
+
+
+def nearest_neighbour(
+    index: IntentIndex, vectors: Vectors, neighbours: Sequence[Sequence[Match]], rails: RailSet
+) -> list[dict[str, float]]:
+    """The baseline rule (NeMo Guardrails' embeddings_only): an intent scores the
+    cosine of its nearest example; intents absent from the neighbours are not scored."""
+    return [_nearest_per_intent(matches) for matches in neighbours]
+
+
+def _nearest_per_intent(matches: Sequence[Match]) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for match in matches:  # best first
         if not math.isfinite(match.score):
             raise GuardUnavailable("a similarity score is not a number")
-        if len(per_intent[match.intent]) < top:
-            per_intent[match.intent].append(match.score)
-    return {intent: sum(s) / len(s) for intent, s in per_intent.items()}
-
-
-def nearest_neighbour(matches: Sequence[Match]) -> dict[str, float]:
-    """The baseline rule: an intent scores the similarity of its nearest example."""
-    return score_intents(matches, top=1)
+        best.setdefault(match.intent, match.score)
+    return best

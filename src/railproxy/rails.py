@@ -137,7 +137,17 @@ class RailsConfig(BaseModel):
     refusal: Literal["message", "error"] = "message"
     no_match: str = Field("Sorry, I can't help with that.", min_length=1)
     upstream_model: str = Field("gpt-4o-mini", min_length=1)
+    packs: tuple[str, ...] = ()  # intent packs shipped with railproxy, e.g. [safety]
     server: ServerConfig = ServerConfig()
+
+    @field_validator("packs")
+    @classmethod
+    def _check_packs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = sorted(p.stem for p in pack_files())
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown pack {name!r} (available: {', '.join(known)})")
+        return value
 
 
 class _IntentFile(BaseModel):
@@ -186,6 +196,14 @@ class RailSet:
                 yield intent, example
 
 
+PACKS_DIR = Path(__file__).parent / "packs"
+
+
+def pack_files() -> list[Path]:
+    """Intent packs shipped with railproxy (railproxy/packs/*.yaml)."""
+    return sorted(PACKS_DIR.glob("*.yaml"))
+
+
 def rail_files(root: Path) -> list[Path]:
     """The YAML files of a rails directory, in a stable order (hidden files skipped)."""
     files = [
@@ -198,11 +216,17 @@ def rail_files(root: Path) -> list[Path]:
 
 
 def rails_digest(root: Path) -> str:
-    """sha256 over every rails file's name and bytes: any edit changes it."""
+    """sha256 over every rails file's name and bytes: any edit changes it.
+
+    The shipped packs are included too, so upgrading railproxy to a release with
+    different pack intents marks the index stale instead of serving it.
+    """
     digest = hashlib.sha256(b"railproxy-rails-v1\0")
-    for path in rail_files(root):
+    labelled = [(p.name, p) for p in rail_files(root)]
+    labelled += [(f"pack:{p.name}", p) for p in pack_files()]
+    for label, path in labelled:
         data = path.read_bytes()
-        digest.update(f"{path.name}\0{len(data)}\0".encode())
+        digest.update(f"{label}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
 
@@ -216,6 +240,7 @@ def load_rails(root: Path | str) -> RailSet:
     intents: list[Intent] = []
     sources: dict[str, Source] = {}
     problems: list[str] = []
+    intent_files = []
     for path in rail_files(root):
         try:
             data, node = _read_yaml(path)
@@ -227,7 +252,13 @@ def load_rails(root: Path | str) -> RailSet:
                 config = RailsConfig.model_validate(data if data is not None else {})
             except ValidationError as exc:
                 problems.extend(_describe(exc, path, node, data))
-            continue
+        else:
+            intent_files.append((path, data, node))
+    for pack in config.packs:
+        path = PACKS_DIR / f"{pack}.yaml"
+        data, node = _read_yaml(path)
+        intent_files.append((path, data, node))
+    for path, data, node in intent_files:
         try:
             parsed = _IntentFile.model_validate(data)
         except ValidationError as exc:
