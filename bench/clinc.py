@@ -44,7 +44,9 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def write_clinc_rails(root: Path, train: list[dict[str, object]], per_intent: int) -> int:
+def write_clinc_rails(
+    root: Path, train: list[dict[str, object]], per_intent: int, packs: tuple[str, ...] = ()
+) -> int:
     by_intent: dict[str, list[str]] = defaultdict(list)
     for row in train:
         intent, text = str(row["intent"]), str(row["text"])
@@ -55,7 +57,8 @@ def write_clinc_rails(root: Path, train: list[dict[str, object]], per_intent: in
         for name, examples in by_intent.items()
     ]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text("no_match: Sorry, I can't help with that.\n")
+    config = {"no_match": "Sorry, I can't help with that.", "packs": list(packs)}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
     (root / "clinc.yaml").write_text(yaml.safe_dump({"intents": intents}, sort_keys=False))
     return sum(len(e) for e in by_intent.values())
 
@@ -65,19 +68,22 @@ def railproxy(*args: str) -> str:
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
-def compare_rules(root: Path, embedder: SentenceTransformerEmbedder, data: Path) -> list[str]:
+def compare_rules(
+    roots: dict[str, Path], embedder: SentenceTransformerEmbedder, data: Path
+) -> list[str]:
     val = read_examples(data / "clinc150" / "val.jsonl")
     oos = read_examples(data / "clinc150" / "oos_val.jsonl")
     attacks = [Example(str(r["text"]), None) for r in read_jsonl(data / "attacks" / "public.jsonl")]
     rules = {
-        "nearest neighbour (baseline)": nearest_neighbour,
-        "railproxy (shipped)": score_intents,
+        "nearest neighbour (baseline)": (roots["plain"], nearest_neighbour),
+        "railproxy (shipped)": (roots["plain"], score_intents),
+        "railproxy + safety pack": (roots["safety"], score_intents),
     }
     lines = [
         f"{'rule':<30} {'recall>=':>8} {'threshold':>9} {'accuracy':>8} {'oos_recall':>10} "
         f"{'attacks approved':>16}"
     ]
-    for label, scorer in rules.items():
+    for label, (root, scorer) in rules.items():
         guard = Guard(root, embedder, scorer=scorer)
         decisions = decide_all(guard, [e.text for e in val + oos])
         attack_decisions = decide_all(guard, [e.text for e in attacks])
@@ -85,7 +91,9 @@ def compare_rules(root: Path, embedder: SentenceTransformerEmbedder, data: Path)
             (f"{target:.2f}", operating_point(guard, val + oos, decisions, target, THRESHOLDS))
             for target in (0.90, 0.95)
         ]
-        rows.append(("default", sweep_point(guard, val + oos, decisions, DEFAULT_THRESHOLD)))
+        rows.append(
+            (f"{DEFAULT_THRESHOLD}*", sweep_point(guard, val + oos, decisions, DEFAULT_THRESHOLD))
+        )
         for target, point in rows:
             if point is None:
                 lines.append(f"{label:<30} {target:>8} {'unreachable':>9}")
@@ -127,17 +135,20 @@ def main() -> None:
     train = read_jsonl(data / "clinc150" / "train.jsonl")
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "rails"
-        count = write_clinc_rails(root, train, args.per_intent)
+        roots = {"plain": Path(tmp) / "rails", "safety": Path(tmp) / "rails-safety"}
+        count = write_clinc_rails(roots["plain"], train, args.per_intent)
+        write_clinc_rails(roots["safety"], train, args.per_intent, packs=("safety",))
         print(f"rails: 150 intents, {count} examples ({args.per_intent} per intent)")
-        started = time.perf_counter()
-        print(railproxy("reindex", str(root)).strip(), f"[{time.perf_counter() - started:.1f} s]")
+        for root in roots.values():
+            started = time.perf_counter()
+            done = railproxy("reindex", str(root)).strip()
+            print(done, f"[{time.perf_counter() - started:.1f} s]")
 
         eval_file = Path(tmp) / "val_and_oos.jsonl"
         rows = read_jsonl(data / "clinc150" / "val.jsonl")
         rows += read_jsonl(data / "clinc150" / "oos_val.jsonl")
         eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        report = json.loads(railproxy("eval", str(root), str(eval_file), "--json"))
+        report = json.loads(railproxy("eval", str(roots["plain"]), str(eval_file), "--json"))
         print(
             f"railproxy eval at the default threshold {DEFAULT_THRESHOLD}: "
             f"accuracy {report['accuracy']:.3f}, oos recall {report['oos_recall']:.3f}"
@@ -145,7 +156,11 @@ def main() -> None:
 
         embedder = SentenceTransformerEmbedder()
         print()
-        print("\n".join(compare_rules(root, embedder, data)))
+        print("\n".join(compare_rules(roots, embedder, data)))
+        print(
+            f"(* the shipped default threshold; attacks over {embedder.max_tokens} tokens "
+            "are rejected as input_too_long and count as not approved)"
+        )
     if args.reindex_speed:
         print()
         print(reindex_speed(embedder, train))

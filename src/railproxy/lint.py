@@ -128,6 +128,8 @@ def _pairs(examples: list[_Example], vectors: np.ndarray) -> Iterator[Finding]:
             b = examples[j]
             if own.max() == -np.inf or other[j] <= own.max() or _copies(a, b, float(other[j])):
                 continue  # a lone example, well placed, or reported as a copy
+            if a.action == b.action == "refuse":
+                continue  # either refusal answers it: no decision changes
             yield Finding(
                 "misplaced",
                 a.intent,

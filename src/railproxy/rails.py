@@ -25,7 +25,10 @@ from railproxy.settings import ServerConfig
 
 Action = Literal["prompt", "refuse", "reply"]
 USER_TEXT = "{user_text}"
-DEFAULT_THRESHOLD = 0.6
+# Chosen on CLINC150 (bench/clinc.py, bench/decision_rules.py): with the centroid
+# rule 0.45 gives 0.80 in-scope accuracy at 0.92 out-of-scope recall, and with the
+# safety pack 0% of the public attack prompts approved.
+DEFAULT_THRESHOLD = 0.45
 CONFIG_NAMES = ("config.yaml", "config.yml")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 

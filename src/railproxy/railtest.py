@@ -2,7 +2,8 @@
 
 Three kinds of case, each checked against the real guard decision:
 
-- `match` (an intent's `tests.match`): the guard must pick that intent;
+- `match` (an intent's `tests.match`): the guard must pick that intent (for a
+  refuse intent, any refusal will do: the user is refused either way);
 - `no_match` (an intent's `tests.no_match`): the guard must not pick that intent;
 - `data` (a line of `RAILS_DIR/*.jsonl`, `{"text": ..., "intent": NAME or null}`):
   NAME must be picked; null means the text must not be approved.
@@ -36,6 +37,7 @@ class Case:
     intent: str | None  # match/data: the intent to get (data: None = not approved);
     # no_match: the intent not to get
     source: Source
+    refusal: bool = False  # a refuse intent's match case: any refusal passes
 
     @property
     def expectation(self) -> str:
@@ -62,6 +64,8 @@ class Outcome:
             return decision.intent != case.intent
         if case.intent is None:
             return not decision.approved
+        if case.refusal and decision.action == "refuse":
+            return True  # refused by another refusal intent: the user gets a refusal all the same
         return decision.intent == case.intent
 
     def explain(self) -> str:
@@ -160,8 +164,15 @@ def collect(rails: RailSet) -> list[Case]:
         for kind, texts in (("match", intent.tests.match), ("no_match", intent.tests.no_match)):
             for position, text in enumerate(texts):
                 where = layout.test(kind, position) if layout else fallback
+                refusal = kind == "match" and intent.action == "refuse"
                 cases.append(
-                    Case(text, "match" if kind == "match" else "no_match", intent.name, where)
+                    Case(
+                        text,
+                        "match" if kind == "match" else "no_match",
+                        intent.name,
+                        where,
+                        refusal=refusal,
+                    )
                 )
     for path in data_files(rails.root):
         lines = _content_lines(path)
