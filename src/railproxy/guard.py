@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 
+from railproxy.batcher import MicroBatcher, check_batch
 from railproxy.decide import Decision, decide
+from railproxy.decision_cache import DecisionCache
 from railproxy.embed import Embedder, Vectors, make_embedder
 from railproxy.errors import GuardUnavailable, InputError, InputTooLong, RailproxyError
 from railproxy.index import IntentIndex, load_index
@@ -68,6 +71,11 @@ class Guard:
             embedder = make_embedder(load_rails(self.root).config.model)
         self.embedder = embedder
         self._snapshot = open_snapshot(self.root, embedder)
+        # acheck only: concurrent checks share one model call; repeats skip the model.
+        self.batcher: MicroBatcher[str, Decision] = MicroBatcher(
+            partial(check_batch, self), max_batch=32
+        )
+        self.decisions = DecisionCache(maxsize=1024)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -123,13 +131,26 @@ class Guard:
         return decisions
 
     async def acheck(self, text: str) -> Decision:
-        """`check` off the event loop, bounded by the rails' guard timeout (fail closed)."""
-        limit = self.rails.config.server.timeouts.guard
+        """`check` off the event loop, bounded by the rails' guard timeout (fail closed).
+
+        Concurrent calls are embedded together in one model call (`batcher`); a
+        repeated text under the same rails is answered from `decisions`.
+        """
+        server = self.rails.config.server
+        key = self.decisions.key(text, max_input_chars=server.max_input_chars)
+        if key is not None:
+            cached = self.decisions.get(key, self._snapshot.rails.digest)
+            if cached is not None:
+                return cached
+        limit = server.timeouts.guard
         try:
             with anyio.fail_after(limit):
-                return await anyio.to_thread.run_sync(self.check, text, abandon_on_cancel=True)
+                decision = await self.batcher.submit(text)
         except TimeoutError as exc:
             raise GuardUnavailable(f"the guard did not answer within {limit} s") from exc
+        if key is not None:
+            self.decisions.put(key, decision)
+        return decision
 
     def warm_up(self) -> None:
         """Run one embedding so the first request does not pay for lazy initialisation."""
