@@ -1,0 +1,110 @@
+"""Forwarding an approved request and relaying the answer (the proxy's Starlette side).
+
+Non-streaming: the upstream's checked JSON, or an OpenAI error mapped by
+`upstream`. Streaming: nothing is sent to the client until the upstream's first
+event has arrived, so an early failure is still a real status code; after that,
+events are relayed as they arrive and a failure ends the stream with an error
+event and no `[DONE]`. If the client disconnects at any point, the upstream
+request is cancelled at once. Nothing is ever retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response
+
+from railproxy.asgi import (
+    Receive,
+    Scope,
+    Send,
+    encode_headers,
+    race_disconnect,
+    send_answer,
+    send_relay,
+)
+from railproxy.gate import Forward
+from railproxy.respond import DECISION_HEADER, JSON, SSE, Answer
+from railproxy.sse import Relay
+from railproxy.upstream import UpstreamFailure
+
+if TYPE_CHECKING:
+    from railproxy.proxy import ProxyState
+
+CLIENT_CLOSED = 499  # logged only: the client is gone, nothing is sent
+
+
+class AnswerResponse(Response):
+    """An `Answer` as a Starlette response."""
+
+    def __init__(self, answer: Answer, extra: Mapping[str, str] | None = None) -> None:
+        super().__init__(answer.body, answer.status)
+        self.answer = answer
+        self.extra = dict(extra or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_answer(send, self.answer, self.extra)
+
+
+class RelayResponse(Response):
+    """An upstream event stream as a Starlette response; `done` runs when it ends."""
+
+    def __init__(
+        self, relay: Relay, headers: Mapping[str, str], done: Callable[[str], None]
+    ) -> None:
+        super().__init__(status_code=200)
+        self.relay = relay
+        self.extra = headers
+        self.done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send_relay(self.relay, receive, send, encode_headers(SSE, self.extra))
+        finally:
+            self.done(self.relay.outcome)
+
+
+async def forward(
+    proxy: ProxyState, receive: Receive, state: MutableMapping[str, Any], outcome: Forward
+) -> Response:
+    headers = {DECISION_HEADER: "prompt"}
+    decision = outcome.decision
+    stream = outcome.request.stream
+    record = partial(
+        proxy.record,
+        state,
+        decision="prompt",
+        intent=decision.intent,
+        score=decision.score,
+        stream=stream,
+    )
+    started = time.perf_counter()
+    try:
+        if stream:
+            result: Relay | bytes | None = await race_disconnect(
+                receive, partial(proxy.upstream.open_stream, outcome.body)
+            )
+        else:
+            result = await race_disconnect(receive, partial(proxy.upstream.complete, outcome.body))
+    except UpstreamFailure as exc:
+        proxy.metrics.upstream(exc.status, exc.code)
+        record(status=exc.status, outcome=exc.code)
+        return AnswerResponse(exc.answer(), headers)
+    if result is None:  # the client went away; the upstream request was cancelled
+        proxy.metrics.upstream(CLIENT_CLOSED, "client_abort")
+        record(status=CLIENT_CLOSED, outcome="client_abort")
+        return Response(status_code=CLIENT_CLOSED)
+    proxy.metrics.upstream_seconds.observe(time.perf_counter() - started)
+    if isinstance(result, Relay):
+
+        def done(ended: str) -> None:
+            proxy.metrics.upstream(200, ended)
+            record(status=200, outcome=ended)
+
+        return RelayResponse(result, headers, done)
+    proxy.metrics.upstream(200, "completed")
+    record(status=200, outcome="completed")
+    return AnswerResponse(Answer(200, result, JSON, headers))

@@ -1,0 +1,210 @@
+"""The OpenAI-compatible proxy: `create_app(settings)` -> a FastAPI app.
+
+Routes: POST /v1/chat/completions (guarded), GET /v1/models (answered locally),
+/healthz, /readyz, /metrics. Every other path or method is an OpenAI-shaped 404
+or 405; no redirects (`redirect_slashes=False`), no passthrough. The shared
+steps live elsewhere: `intake` (415/413/408), `gate` (parse + guard + rebuild),
+`upstream` (send + error mapping), `asgi` (relay, disconnects), `edge`
+(request ids, auth, load shedding). No module-level state: each app owns its
+guard, upstream client, metrics and audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from railproxy import respond
+from railproxy.audit import AuditLog
+from railproxy.demo import DEMO_URL, DemoTransport
+from railproxy.edge import NOT_FOUND, Edge
+from railproxy.forward import AnswerResponse, forward
+from railproxy.gate import Local, handle
+from railproxy.guard import Guard
+from railproxy.intake import Rejected, check_headers, read_body
+from railproxy.metrics import Metrics
+from railproxy.proxy_settings import ClientKeys, ProxySettings
+from railproxy.reload import Reloader
+from railproxy.settings import ServerConfig
+from railproxy.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyState:
+    """Everything one app instance owns."""
+
+    settings: ProxySettings
+    guard: Guard
+    limits: ServerConfig
+    upstream: Upstream
+    metrics: Metrics
+    audit: AuditLog | None = None
+    ready: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, state: Mapping[str, Any], **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.write(
+                {"request_id": state.get("request_id"), "key": state.get("key_id"), **fields}
+            )
+
+
+def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAPI:
+    """The proxy for `settings`. Pass `guard` to share an already loaded one (tests)."""
+    guard = guard if guard is not None else Guard(settings.rails_dir)
+    limits = settings.server_config(guard.rails.config.server)
+    if settings.upstream_url is None:
+        upstream = Upstream(
+            DEMO_URL,
+            api_key=None,
+            timeouts=limits.timeouts,
+            max_connections=limits.max_in_flight,
+            transport=DemoTransport(),
+        )
+    else:
+        key = settings.upstream_api_key.reveal() if settings.upstream_api_key else None
+        upstream = Upstream(
+            settings.upstream_url,
+            api_key=key,
+            timeouts=limits.timeouts,
+            max_connections=limits.max_in_flight,
+        )
+    proxy = ProxyState(settings, guard, limits, upstream, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(guard.warm_up)
+        if limits.audit_log:
+            proxy.audit = AuditLog(limits.audit_log)
+        proxy.ready = True
+        try:
+            async with anyio.create_task_group() as group:
+                if limits.reload:
+                    reloader = Reloader(guard)
+                    group.start_soon(reloader.run)
+                    _on_sighup(reloader.request)
+                yield
+                group.cancel_scope.cancel()
+        finally:
+            _on_sighup(None)
+            proxy.ready = False
+            await upstream.aclose()
+            if proxy.audit is not None:
+                proxy.audit.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.railproxy = proxy
+    app.add_middleware(
+        Edge,
+        keys=ClientKeys(settings.client_keys),
+        max_in_flight=limits.max_in_flight,
+        metrics=proxy.metrics,
+    )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return AnswerResponse(respond.error(404, NOT_FOUND, code="not_found"))
+        if exc.status_code == 405:
+            answer = respond.error(405, "method not allowed", code="method_not_allowed")
+            return AnswerResponse(answer, exc.headers)
+        return AnswerResponse(respond.error(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.error(
+            "request %s failed: %s",
+            request.scope.get("state", {}).get("request_id"),
+            type(exc).__name__,
+        )
+        return AnswerResponse(respond.error(500, "internal error", code="internal_error"))
+
+    @app.post("/v1/chat/completions", response_model=None, include_in_schema=False)
+    async def chat_completions(request: Request) -> Response:
+        state = request.scope["state"]
+        try:
+            check_headers(request.scope["headers"], max_bytes=limits.max_body_bytes)
+            body = await read_body(
+                request.receive,
+                max_bytes=limits.max_body_bytes,
+                time_limit=limits.timeouts.client_body,
+            )
+        except Rejected as exc:
+            return AnswerResponse(exc.answer)
+        outcome = await handle(guard, body, limits=limits, request_id=state["request_id"])
+        decision = outcome.decision
+        state["decision"] = outcome.label
+        state["intent"] = decision.intent if decision else None
+        proxy.metrics.decision(outcome.label, state["intent"], outcome.guard_seconds)
+        if limits.log_prompts and outcome.request is not None:
+            logger.info("request %s prompt: %r", state["request_id"], outcome.request.text[:500])
+        if isinstance(outcome, Local):
+            proxy.record(
+                state,
+                decision=outcome.label,
+                intent=state["intent"],
+                score=decision.score if decision else None,
+                status=outcome.answer.status,
+                **(
+                    {"prompt": outcome.request.text}
+                    if limits.log_prompts and outcome.request
+                    else {}
+                ),
+            )
+            return AnswerResponse(outcome.answer)
+        return await forward(proxy, request.receive, state, outcome)
+
+    @app.get("/v1/models", response_model=None, include_in_schema=False)
+    async def models() -> Response:
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "railproxy"}
+            for model in guard.rails.upstream_models()
+        ]
+        return Response(respond.dumps({"object": "list", "data": data}), media_type=respond.JSON)
+
+    @app.get("/healthz", response_model=None, include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(respond.dumps({"status": "ok"}), media_type=respond.JSON)
+
+    @app.get("/readyz", response_model=None, include_in_schema=False)
+    async def readyz() -> Response:
+        if not proxy.ready:
+            return AnswerResponse(respond.error(503, "not ready", code="not_ready"))
+        return Response(respond.dumps({"status": "ready"}), media_type=respond.JSON)
+
+    @app.get("/metrics", response_model=None, include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(proxy.metrics.render(), media_type=proxy.metrics.content_type)
+
+    return app
+
+
+def _on_sighup(callback: Callable[[], None] | None) -> None:
+    """Reload on SIGHUP (None: stop). Only where signals can be handled (the main thread)."""
+    try:
+        loop = asyncio.get_running_loop()
+        if callback is None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, callback)
+    except (RuntimeError, ValueError, NotImplementedError):
+        logger.debug("SIGHUP reload is not available here")

@@ -1,0 +1,243 @@
+"""Serve-time settings, logs that keep secrets, the demo upstream, and `railproxy serve` itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from railproxy.demo import BANNER
+from railproxy.embed import Embedder
+from railproxy.guard import Guard
+from railproxy.index import build_index
+from railproxy.proxy_settings import ProxySettings, Secret, SettingsError, check_upstream_url
+from railproxy.rails import load_rails
+from railproxy.serve import Redact
+from railproxy.settings import ServerConfig
+from tests.proxy_support import (
+    REFUND_PROMPT,
+    UPSTREAM_KEY,
+    FakeUpstream,
+    running_proxy,
+    write_proxy_rails,
+)
+
+pytest_plugins = ["tests.proxy_fixtures"]
+
+
+def test_settings_from_env_keep_secrets_out_of_repr(tmp_path: Path) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-fallback-key",
+        "RAILPROXY_API_KEYS": " rp-one , rp-two ,",
+        "RAILPROXY_MAX_IN_FLIGHT": "4",
+        "RAILPROXY_TIMEOUT_UPSTREAM_FIRST_BYTE": "7.5",
+    }
+    settings = ProxySettings.from_env(tmp_path, environ=env, upstream_url="https://api.x/v1/")
+    assert settings.upstream_url == "https://api.x/v1"
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.reveal() == "sk-fallback-key"
+    assert [k.reveal() for k in settings.client_keys] == ["rp-one", "rp-two"]
+    for secret in ("sk-fallback-key", "rp-one", "rp-two"):
+        assert secret not in repr(settings) and secret not in str(settings)
+    server = settings.server_config(ServerConfig())
+    assert (server.max_in_flight, server.timeouts.upstream_first_byte) == (4, 7.5)
+    assert server.timeouts.guard == ServerConfig().timeouts.guard
+
+
+def test_upstream_key_prefers_the_railproxy_variable(tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-a", "RAILPROXY_UPSTREAM_API_KEY": "sk-b"}
+    settings = ProxySettings.from_env(tmp_path, environ=env)
+    assert settings.upstream_api_key is not None and settings.upstream_api_key.reveal() == "sk-b"
+    assert settings.upstream_url is None  # the demo upstream
+
+
+def test_invalid_overrides_are_named(tmp_path: Path) -> None:
+    settings = ProxySettings(tmp_path, server={"max_in_flight": "many"})
+    with pytest.raises(SettingsError, match="max_in_flight"):
+        settings.server_config(ServerConfig())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://x/v1",
+        "https://user:pw@api.x/v1",
+        "https://api.x/v1?key=sk-1",
+        "https://api.x/v1#f",
+        "http:///v1",
+    ],
+    ids=["scheme", "userinfo", "query", "fragment", "no-host"],
+)
+def test_upstream_urls_that_could_hide_things_are_refused(url: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        check_upstream_url(url)
+    assert "pw" not in str(caught.value) and "sk-1" not in str(caught.value)
+
+
+def test_redaction_masks_keys_and_key_shapes() -> None:
+    record = logging.LogRecord(
+        "x",
+        logging.INFO,
+        "f",
+        1,
+        "keys %s %s %s",
+        ("rp-client-key", "sk-abcdefghijk", "Bearer t0k"),
+        None,
+    )
+    Redact(["rp-client-key"]).filter(record)
+    assert record.getMessage() == "keys [redacted] [redacted] Bearer [redacted]"
+    assert repr(Secret("sk-abcdefghijk")) == "Secret('**********')"
+
+
+def test_logs_hold_no_prompt_key_or_query(
+    guards: dict[str, Guard],
+    upstream_url: str,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with running_proxy(guards["message"], upstream_url, client_keys=("rp-client-key",)) as proxy:
+        httpx.post(
+            proxy.url + "/v1/chat/completions?secret=QUERY-CANARY",
+            json={"messages": [{"role": "user", "content": "where is my refund PROMPT-CANARY"}]},
+            headers={"authorization": "Bearer rp-client-key"},
+        )
+        upstream.reset("status", status=401)
+        httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "where is my refund"}]},
+            headers={"authorization": "Bearer rp-client-key"},
+        )
+    # What the server threads logged (the test's own client logs its URLs in the main thread).
+    logs = "\n".join(
+        f"{r.name} {r.getMessage()}" for r in caplog.records if r.threadName != "MainThread"
+    )
+    assert '"POST /v1/chat/completions" 200' in logs
+    assert "refused railproxy's API key" in logs
+    for secret in ("QUERY-CANARY", "PROMPT-CANARY", "rp-client-key", UPSTREAM_KEY, REFUND_PROMPT):
+        assert secret not in logs
+
+
+def test_demo_upstream_quotes_the_approved_prompt(guards: dict[str, Guard]) -> None:
+    with running_proxy(guards["message"], None) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+        messages: list[dict[str, str]] = [{"role": "user", "content": "where is my refund"}]
+        completion = client.chat.completions.create(model="x", messages=messages)  # type: ignore[arg-type]
+        stream = client.chat.completions.create(model="x", messages=messages, stream=True)  # type: ignore[arg-type]
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)  # type: ignore[union-attr]
+    text = completion.choices[0].message.content or ""
+    assert text.startswith(BANNER) and REFUND_PROMPT in text
+    assert streamed == text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_command_answers_and_drains_on_sigterm(guards: dict[str, Guard]) -> None:
+    """The real CLI in a subprocess: ready, answers, exits 0 on SIGTERM, keys never logged."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "RAILPROXY_API_KEYS": "rp-serve-key",
+        "OPENAI_API_KEY": "sk-serve-upstream-key",
+        "RAILPROXY_RELOAD": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "railproxy",
+        "serve",
+        str(guards["message"].root),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="rp-serve-key", max_retries=0)
+        completion = client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "where is my refund"}]
+        )
+        assert REFUND_PROMPT in (completion.choices[0].message.content or "")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
+    assert "DEMO UPSTREAM ACTIVE" in output
+    assert '"POST /v1/chat/completions" 200' in output
+    assert "rp-serve-key" not in output and "sk-serve-upstream-key" not in output
+
+
+def test_audit_log_has_one_record_per_request_without_prompts(
+    guards: dict[str, Guard], upstream_url: str, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(guards["message"], upstream_url, server={"audit_log": str(audit)}) as proxy:
+        for text in (
+            "where is my refund AUDIT-CANARY",
+            "what medicine should I take for a headache",
+        ):
+            httpx.post(
+                proxy.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": text}]},
+            )
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["decision"], r["intent"], r["status"]) for r in records] == [
+        ("prompt", "refund_status", 200),
+        ("refuse", "medical_advice", 200),
+    ]
+    assert records[0]["outcome"] == "completed"
+    assert all(len(r["request_id"]) == 32 for r in records)
+    assert "AUDIT-CANARY" not in audit.read_text()
+
+
+def test_a_reindex_is_picked_up_while_serving(
+    tmp_path: Path, embedder: Embedder, upstream_url: str, upstream: FakeUpstream
+) -> None:
+    root = write_proxy_rails(tmp_path / "rails", embedder)
+    guard = Guard(root, embedder)
+    with running_proxy(guard, upstream_url, server={"reload": True}) as proxy:
+
+        def greeting() -> str:
+            response = httpx.post(
+                proxy.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hello there"}]},
+            )
+            return str(response.json()["choices"][0]["message"]["content"])
+
+        assert greeting() == "Hi! I can help with ACME billing questions."
+        billing = root / "billing.yaml"
+        billing.write_text(billing.read_text().replace("Hi! I can help", "Hello again! I help"))
+        build_index(load_rails(root), embedder)
+        deadline = time.monotonic() + 5
+        while greeting().startswith("Hi!") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert greeting() == "Hello again! I help with ACME billing questions."
