@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,9 +147,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+GREETING = "Hi! I can help with ACME billing questions."
+NEW_GREETING = "Hello again! I help with ACME billing questions."
+
+
+def greeting(http: httpx.Client) -> str:
+    response = http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello there"}]}
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def change_greeting(root: Path, embedder: Embedder) -> None:
+    billing = root / "billing.yaml"
+    billing.write_text(billing.read_text().replace(GREETING, NEW_GREETING))
+    build_index(load_rails(root), embedder)
+
+
 @pytest.mark.slow
-def test_serve_command_answers_and_drains_on_sigterm(guards: dict[str, Guard]) -> None:
-    """The real CLI in a subprocess: ready, answers, exits 0 on SIGTERM, keys never logged."""
+def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
+    tmp_path: Path, embedder: Embedder
+) -> None:
+    """The real CLI in a subprocess: ready, answers, reloads on SIGHUP (polling off),
+    exits 0 on SIGTERM, keys never logged."""
+    root = write_proxy_rails(tmp_path / "rails", embedder)
     port = free_port()
     env = {
         **os.environ,
@@ -161,7 +184,7 @@ def test_serve_command_answers_and_drains_on_sigterm(guards: dict[str, Guard]) -
         "-m",
         "railproxy",
         "serve",
-        str(guards["message"].root),
+        str(root),
         "--port",
         str(port),
     ]
@@ -180,10 +203,20 @@ def test_serve_command_answers_and_drains_on_sigterm(guards: dict[str, Guard]) -
             assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="rp-serve-key", max_retries=0)
-        completion = client.chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "where is my refund"}]
-        )
-        assert REFUND_PROMPT in (completion.choices[0].message.content or "")
+        with httpx.Client(base_url=url, headers={"authorization": "Bearer rp-serve-key"}) as http:
+            completion = client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "where is my refund"}]
+            )
+            assert REFUND_PROMPT in (completion.choices[0].message.content or "")
+            assert greeting(http) == GREETING
+            change_greeting(root, embedder)
+            time.sleep(1.5)  # longer than the poll interval: with reload off, nothing may swap
+            assert greeting(http) == GREETING
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while greeting(http) == GREETING and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert greeting(http) == NEW_GREETING
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:
@@ -219,25 +252,55 @@ def test_audit_log_has_one_record_per_request_without_prompts(
     assert "AUDIT-CANARY" not in audit.read_text()
 
 
-def test_a_reindex_is_picked_up_while_serving(
+def test_a_reindex_is_picked_up_while_serving_under_traffic(
     tmp_path: Path, embedder: Embedder, upstream_url: str, upstream: FakeUpstream
 ) -> None:
+    """Clients keep getting answers while the index is replaced; each client's answers
+    switch from the old rails to the new ones exactly once (one snapshot per request)."""
     root = write_proxy_rails(tmp_path / "rails", embedder)
     guard = Guard(root, embedder)
+    stop = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(4)]
+    failures: list[str] = []
+
+    def client(answers: list[str]) -> None:
+        with httpx.Client(base_url=proxy.url, timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    answers.append(greeting(http))
+                    refund = http.post(
+                        "/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "where is my refund"}]},
+                    )
+                    if refund.status_code != 200 or refund.headers["x-railproxy-decision"] != (
+                        "prompt"
+                    ):
+                        failures.append(f"refund: {refund.status_code} {refund.text}")
+                except (httpx.HTTPError, AssertionError) as exc:
+                    failures.append(repr(exc))
+
     with running_proxy(guard, upstream_url, server={"reload": True}) as proxy:
-
-        def greeting() -> str:
-            response = httpx.post(
-                proxy.url + "/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "hello there"}]},
-            )
-            return str(response.json()["choices"][0]["message"]["content"])
-
-        assert greeting() == "Hi! I can help with ACME billing questions."
-        billing = root / "billing.yaml"
-        billing.write_text(billing.read_text().replace("Hi! I can help", "Hello again! I help"))
-        build_index(load_rails(root), embedder)
-        deadline = time.monotonic() + 5
-        while greeting().startswith("Hi!") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert greeting() == "Hello again! I help with ACME billing questions."
+        threads = [threading.Thread(target=client, args=(answers,)) for answers in seen]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1)
+            change_greeting(root, embedder)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(
+                answers and answers[-1] == NEW_GREETING for answers in seen
+            ):
+                time.sleep(0.1)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=15)
+    assert failures == []
+    for answers in seen:
+        assert set(answers) == {GREETING, NEW_GREETING}
+        switch = answers.index(NEW_GREETING)
+        assert answers[:switch] == [GREETING] * switch
+        assert answers[switch:] == [NEW_GREETING] * (len(answers) - switch)
+    approved = [r.json()["messages"] for r in upstream.requests]
+    assert approved and all(m == [{"role": "user", "content": REFUND_PROMPT}] for m in approved)

@@ -92,10 +92,10 @@ def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAP
         proxy.ready = True
         try:
             async with anyio.create_task_group() as group:
-                if limits.reload:
-                    reloader = Reloader(guard)
-                    group.start_soon(reloader.run)
-                    _on_sighup(reloader.request)
+                # SIGHUP always reloads; `reload` only decides whether to poll as well.
+                reloader = Reloader(guard, interval=1.0 if limits.reload else None)
+                group.start_soon(reloader.run)
+                _on_sighup(reloader.request)
                 yield
                 group.cancel_scope.cancel()
         finally:

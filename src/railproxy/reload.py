@@ -4,7 +4,9 @@
 so a change in the manifest's identity (inode, size, mtime) means a complete new
 index is there. The watcher polls that (no inotify dependency, works on every
 filesystem and in containers) and `request()` (wired to SIGHUP) forces a check.
-A failed reload keeps the old snapshot serving and logs why.
+With `interval=None` it does not poll: only `request()` reloads (`reload: false`
+still honours SIGHUP, the operator's explicit ask). A failed reload keeps the old
+snapshot serving and logs why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ Stamp = tuple[int, int, int] | None
 
 
 class Reloader:
-    def __init__(self, guard: Guard, *, interval: float = 1.0) -> None:
+    def __init__(self, guard: Guard, *, interval: float | None = 1.0) -> None:
         self.guard = guard
         self.interval = interval
         self._manifest = index_dir(guard.root) / MANIFEST
@@ -65,7 +67,7 @@ class Reloader:
         return True
 
     async def run(self) -> None:
-        """Poll forever; cancel the surrounding task group to stop."""
+        """Poll (or only wait for `request()`) forever; cancel the task group to stop."""
         while True:
             with anyio.move_on_after(self.interval):
                 await self._forced.wait()
