@@ -27,6 +27,7 @@ from railproxy import RailsMiddleware
 from railproxy.decide import Decision
 from railproxy.embed import Embedder, Vectors
 from railproxy.guard import Guard
+from tests import test_canary as canary
 from tests.proxy_support import (
     REFUND_PROMPT,
     FakeUpstream,
@@ -235,6 +236,38 @@ def test_rebuilt_body_is_what_the_proxy_sends_upstream(
     (seen,) = served.inner.seen
     (sent,) = upstream.requests
     assert seen.body == sent.body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("where", sorted(canary.BODIES))
+def test_the_proxy_canaries_never_reach_the_app(served: Guarded, where: str, stream: bool) -> None:
+    """test_canary's table, through the middleware: the app sees the rail's prompt or nothing."""
+    served.inner.release.set()
+    body = canary.BODIES[where]()
+    body.setdefault("stream", stream)
+    response = post(served.url, body)
+    assert all(canary.CANARY.encode() not in seen.body for seen in served.inner.seen)
+    assert response.status_code in (200, 400)
+    if not served.inner.seen:  # answered by the middleware: a 400 or a local answer
+        assert response.status_code == 400 or response.headers["x-railproxy-decision"] in (
+            "refuse",
+            "reply",
+            "no_match",
+        )
+        return
+    (seen,) = served.inner.seen
+    sent = json.loads(seen.body)
+    assert sent["messages"] == canary.RAIL_MESSAGES
+    assert set(sent) <= {"model", "messages", "stream", "stream_options"}
+
+
+@pytest.mark.parametrize("where", sorted(canary.RAW_BODIES))
+def test_duplicate_key_canaries_are_400s_that_never_reach_the_app(
+    served: Guarded, where: str
+) -> None:
+    response = httpx.post(served.url + CHAT, content=canary.RAW_BODIES[where], headers=JSON_HEADERS)
+    assert response.status_code == 400
+    assert served.inner.seen == []
 
 
 def test_sse_from_the_app_streams_through_unbuffered(served: Guarded) -> None:
