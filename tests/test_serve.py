@@ -232,24 +232,76 @@ def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
 def test_audit_log_has_one_record_per_request_without_prompts(
     guards: dict[str, Guard], upstream_url: str, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
+    """Every chat request gets exactly one record, however it ended: decided, streamed,
+    rejected before the guard (400, 415, 404, 405) or refused for its key (401)."""
     audit = tmp_path / "audit.jsonl"
-    with running_proxy(guards["message"], upstream_url, server={"audit_log": str(audit)}) as proxy:
-        for text in (
-            "where is my refund AUDIT-CANARY",
-            "what medicine should I take for a headache",
-        ):
-            httpx.post(
-                proxy.url + "/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": text}]},
-            )
-    records = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert [(r["decision"], r["intent"], r["status"]) for r in records] == [
-        ("prompt", "refund_status", 200),
-        ("refuse", "medical_advice", 200),
+    guard = guards["message"]
+    key = {"authorization": "Bearer rp-audit-key"}
+    json_headers = {**key, "content-type": "application/json"}
+
+    def chat(text: str, **fields: object) -> bytes:
+        return json.dumps({"messages": [{"role": "user", "content": text}], **fields}).encode()
+
+    requests: list[tuple[str, str, bytes, dict[str, str]]] = [
+        ("POST", "/v1/chat/completions", chat("where is my refund AUDIT-CANARY"), json_headers),
+        (
+            "POST",
+            "/v1/chat/completions",
+            chat("has my refund been processed", stream=True),
+            json_headers,
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            chat("what medicine should I take for a headache"),
+            json_headers,
+        ),
+        ("POST", "/v1/chat/completions", b'{"messages": [', json_headers),
+        (
+            "POST",
+            "/v1/chat/completions",
+            chat("AUDIT-CANARY"),
+            {**key, "content-type": "text/plain"},
+        ),
+        ("POST", "/v1/chat%2Fcompletions", chat("where is my refund"), json_headers),
+        ("GET", "/v1/chat/completions", b"", key),
+        (
+            "POST",
+            "/v1/chat/completions",
+            chat("where is my refund"),
+            {"content-type": "application/json"},
+        ),
     ]
-    assert records[0]["outcome"] == "completed"
-    assert all(len(r["request_id"]) == 32 for r in records)
-    assert "AUDIT-CANARY" not in audit.read_text()
+    answers = []
+    with running_proxy(
+        guard, upstream_url, client_keys=("rp-audit-key",), server={"audit_log": str(audit)}
+    ) as proxy:
+        with httpx.Client(base_url=proxy.url) as http:
+            for method, path, body, headers in requests:
+                answers.append(http.request(method, path, content=body, headers=headers))
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["request_id"] for r in records] == [a.headers["x-request-id"] for a in answers]
+    assert [(r["decision"], r["intent"], r["status"], r["outcome"]) for r in records] == [
+        ("prompt", "refund_status", 200, "completed"),
+        ("prompt", "refund_status", 200, "completed"),
+        ("refuse", "medical_advice", 200, "answered"),
+        ("invalid", None, 400, "answered"),
+        ("invalid", None, 415, "rejected"),
+        ("not_found", None, 404, "rejected"),
+        ("invalid", None, 405, "rejected"),
+        ("unauthorized", None, 401, "rejected"),
+    ]
+    assert [a.status_code for a in answers] == [r["status"] for r in records]
+    approved, streamed = records[0], records[1]
+    assert streamed["stream"] is True and approved["stream"] is False
+    for record in (approved, streamed, records[2]):
+        assert record["digest"] == guard.rails.digest
+        assert record["guard_ms"] > 0 and record["total_ms"] >= record["guard_ms"]
+        assert record["key"].startswith("key_")
+    assert approved["upstream_ms"] > 0
+    assert records[-1]["key"] is None
+    text = audit.read_text()
+    assert "AUDIT-CANARY" not in text and "rp-audit-key" not in text
 
 
 def test_a_reindex_is_picked_up_while_serving_under_traffic(

@@ -27,6 +27,8 @@ Headers = list[tuple[bytes, bytes]]
 
 T = TypeVar("T")
 
+CLIENT_CLOSED = 499  # logged and audited only: the client is gone, nothing is sent
+
 
 def encode_headers(media_type: str, headers: Mapping[str, str]) -> Headers:
     raw = [(b"content-type", media_type.encode("latin-1"))]
@@ -77,7 +79,11 @@ async def send_relay(
 
             async def watch() -> None:
                 await wait_disconnect(receive)
-                relay.outcome = "client_abort"
+                # After the last body message the server reports a disconnect too, and
+                # cancelling cannot stop a task whose wait has already ended: only a
+                # stream that is still open was aborted by the client.
+                if relay.outcome == "open":
+                    relay.outcome = "client_abort"
                 group.cancel_scope.cancel()
 
             group.start_soon(watch)

@@ -8,7 +8,9 @@ In order, for every HTTP request:
    `Authorization: Bearer <key>` (401 otherwise);
 4. beyond `max_in_flight` chat requests, a 503 with Retry-After, at once;
 5. one access-log line: method, path (never the query string), status, time,
-   decision and intent. Keys and prompts are never logged.
+   decision and intent. Keys and prompts are never logged;
+6. an audit record (through `audit`) for every chat request, and every 401, that
+   the app did not record itself: those answered here or before a decision.
 
 WebSocket connections are refused.
 """
@@ -18,9 +20,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from railproxy import respond
-from railproxy.asgi import ASGIApp, Message, Receive, Scope, Send, send_answer
+from railproxy.asgi import CLIENT_CLOSED, ASGIApp, Message, Receive, Scope, Send, send_answer
 from railproxy.audit import key_id
 from railproxy.metrics import Metrics
 from railproxy.proxy_settings import ClientKeys
@@ -30,6 +34,8 @@ access_log = logging.getLogger("railproxy.access")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 LIMITED_PATHS = frozenset({"/v1/chat/completions"})
+# The decision label of a request answered before the guard decided, by status.
+EDGE_DECISIONS = {401: "unauthorized", 404: "not_found", 503: "overloaded", 500: "error"}
 NOT_FOUND = (
     "no such endpoint: railproxy serves POST /v1/chat/completions, GET /v1/models, "
     "/healthz, /readyz and /metrics"
@@ -38,12 +44,19 @@ NOT_FOUND = (
 
 class Edge:
     def __init__(
-        self, app: ASGIApp, *, keys: ClientKeys, max_in_flight: int, metrics: Metrics
+        self,
+        app: ASGIApp,
+        *,
+        keys: ClientKeys,
+        max_in_flight: int,
+        metrics: Metrics,
+        audit: Callable[[dict[str, Any], int], None] | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.max_in_flight = max_in_flight
         self.metrics = metrics
+        self.audit = audit
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,7 +69,7 @@ class Edge:
         request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        started = time.perf_counter()
+        started = state["started"] = time.perf_counter()
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -76,7 +89,11 @@ class Edge:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            self._log(scope, state, status or 499, time.perf_counter() - started)
+            audited = scope["path"] in LIMITED_PATHS or status == 401
+            if self.audit is not None and audited and not state.get("audited"):
+                state.setdefault("decision", EDGE_DECISIONS.get(status, "invalid"))
+                self.audit(state, status or CLIENT_CLOSED)
+            self._log(scope, state, status or CLIENT_CLOSED, time.perf_counter() - started)
 
     def _refusal(self, scope: Scope, state: dict[str, object]) -> Answer | None:
         raw = scope.get("raw_path")

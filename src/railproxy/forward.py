@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response
 
 from railproxy.asgi import (
+    CLIENT_CLOSED,
     Receive,
     Scope,
     Send,
@@ -33,8 +34,6 @@ from railproxy.upstream import UpstreamFailure
 
 if TYPE_CHECKING:
     from railproxy.proxy import ProxyState
-
-CLIENT_CLOSED = 499  # logged only: the client is gone, nothing is sent
 
 
 class AnswerResponse(Response):
@@ -73,15 +72,12 @@ async def forward(
     headers = {DECISION_HEADER: "prompt"}
     decision = outcome.decision
     stream = outcome.request.stream
-    record = partial(
-        proxy.record,
-        state,
-        decision="prompt",
-        intent=decision.intent,
-        score=decision.score,
-        stream=stream,
-    )
     started = time.perf_counter()
+
+    def record(**fields: Any) -> None:
+        upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+        proxy.record(state, score=decision.score, stream=stream, upstream_ms=upstream_ms, **fields)
+
     try:
         if stream:
             result: Relay | bytes | None = await race_disconnect(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,29 @@ class ProxyState:
     ready: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, state: Mapping[str, Any], **fields: Any) -> None:
-        if self.audit is not None:
-            self.audit.write(
-                {"request_id": state.get("request_id"), "key": state.get("key_id"), **fields}
-            )
+    def record(self, state: MutableMapping[str, Any], **fields: Any) -> None:
+        """The request's one audit record: what `state` knows, then `fields`."""
+        state["audited"] = True
+        if self.audit is None:
+            return
+        started = state.get("started")
+        total_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
+        self.audit.write(
+            {
+                "request_id": state.get("request_id"),
+                "key": state.get("key_id"),
+                "decision": state.get("decision"),
+                "intent": state.get("intent"),
+                "digest": state.get("digest"),
+                "guard_ms": state.get("guard_ms"),
+                **fields,
+                "total_ms": total_ms,
+            }
+        )
+
+    def record_unaudited(self, state: MutableMapping[str, Any], status: int) -> None:
+        """For `Edge`: a chat request answered before a decision (401, 404, 413, 503, ...)."""
+        self.record(state, status=status, outcome="rejected")
 
 
 def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAPI:
@@ -118,6 +137,7 @@ def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAP
         keys=ClientKeys(settings.client_keys),
         max_in_flight=limits.max_in_flight,
         metrics=proxy.metrics,
+        audit=proxy.record_unaudited,
     )
 
     @app.exception_handler(HTTPException)
@@ -149,21 +169,26 @@ def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAP
                 time_limit=limits.timeouts.client_body,
             )
         except Rejected as exc:
+            state["decision"] = "invalid"
+            proxy.metrics.decision("invalid", None, None)
+            proxy.record(state, status=exc.answer.status, outcome="rejected")
             return AnswerResponse(exc.answer)
         outcome = await handle(guard, body, limits=limits, request_id=state["request_id"])
         decision = outcome.decision
         state["decision"] = outcome.label
         state["intent"] = decision.intent if decision else None
+        state["digest"] = decision.digest if decision else None
+        if outcome.guard_seconds is not None:
+            state["guard_ms"] = round(outcome.guard_seconds * 1000, 3)
         proxy.metrics.decision(outcome.label, state["intent"], outcome.guard_seconds)
         if limits.log_prompts and outcome.request is not None:
             logger.info("request %s prompt: %r", state["request_id"], outcome.request.text[:500])
         if isinstance(outcome, Local):
             proxy.record(
                 state,
-                decision=outcome.label,
-                intent=state["intent"],
                 score=decision.score if decision else None,
                 status=outcome.answer.status,
+                outcome="answered",
                 **(
                     {"prompt": outcome.request.text}
                     if limits.log_prompts and outcome.request
