@@ -165,6 +165,23 @@ def change_greeting(root: Path, embedder: Embedder) -> None:
     build_index(load_rails(root), embedder)
 
 
+def slow_headers_are_cut_off(port: int, *, after: float) -> bool:
+    """A client dripping its headers (slowloris) is disconnected about `after` s in."""
+    with socket.create_connection(("127.0.0.1", port), timeout=after + 5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        try:
+            while time.monotonic() - started < after + 5:
+                sock.sendall(b"x")  # one byte at a time: each resets uvicorn's own timer
+                time.sleep(0.2)
+        except OSError:  # the server closed the connection
+            pass
+        else:
+            return False
+        elapsed = time.monotonic() - started
+    return after <= elapsed < after + 2
+
+
 @pytest.mark.slow
 def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
     tmp_path: Path, embedder: Embedder
@@ -178,6 +195,7 @@ def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
         "RAILPROXY_API_KEYS": "rp-serve-key",
         "OPENAI_API_KEY": "sk-serve-upstream-key",
         "RAILPROXY_RELOAD": "false",
+        "RAILPROXY_TIMEOUT_CLIENT_HEADER": "1",
     }
     command = [
         sys.executable,
@@ -202,6 +220,7 @@ def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
                 pass
             assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.2)
+        assert slow_headers_are_cut_off(port, after=1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="rp-serve-key", max_retries=0)
         with httpx.Client(base_url=url, headers={"authorization": "Bearer rp-serve-key"}) as http:
             completion = client.chat.completions.create(

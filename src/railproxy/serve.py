@@ -93,11 +93,15 @@ def serve(rails_dir: Path, host: str, port: int, upstream_url: str | None) -> No
         app = create_app(settings)
     except RailproxyError as exc:
         raise click.ClickException(str(exc)) from exc
+    from railproxy.server_protocol import header_deadline_protocol
+
     logger.info("railproxy serving %s on http://%s:%d", rails_dir, host, port)
+    limits = app.state.railproxy.limits
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=header_deadline_protocol(limits.timeouts.client_header),
         log_config=None,  # keep the handlers (and the redaction filter) set up above
         access_log=False,  # railproxy.access logs paths without query strings instead
         proxy_headers=False,

@@ -15,6 +15,7 @@ class Timeouts(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    client_header: float = Field(10.0, gt=0)
     client_body: float = Field(10.0, gt=0)
     guard: float = Field(2.0, gt=0)
     upstream_connect: float = Field(3.0, gt=0)
