@@ -11,7 +11,8 @@ baseline) with the rule railproxy ships:
 - the share of ../shared/data/attacks/public.jsonl approved, at those thresholds
   and at the shipped default threshold.
 
-With --reindex-speed it also times indexing all 15,000 train utterances.
+With --reindex-speed it also times indexing all 15,000 train utterances with each
+embedding backend (--only-reindex-speed: that alone).
 
     .venv/bin/python bench/clinc.py [--data-dir ../shared/data] [--per-intent 10]
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from railproxy.embed import SentenceTransformerEmbedder
+from railproxy.embed import SentenceTransformerEmbedder, make_embedder
 from railproxy.evaluate import Example, decide_all, operating_point, read_examples, sweep_point
 from railproxy.guard import Guard
 from railproxy.index import build_index
@@ -106,7 +107,9 @@ def compare_rules(
     return lines
 
 
-def reindex_speed(embedder: SentenceTransformerEmbedder, train: list[dict[str, object]]) -> str:
+def reindex_speed(backend: str, train: list[dict[str, object]]) -> str:
+    """`build_index` of all 15,000 train utterances with `backend`, against its raw encode rate."""
+    embedder = make_embedder(backend=backend)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "rails"
         count = write_clinc_rails(root, train, per_intent=10_000)
@@ -119,9 +122,10 @@ def reindex_speed(embedder: SentenceTransformerEmbedder, train: list[dict[str, o
         embedder.embed(raw)
         raw_rate = len(raw) / (time.perf_counter() - started)
     return (
-        f"reindex of {count} examples ({report.embedded} distinct embedded): {elapsed:.1f} s, "
-        f"{report.embedded / elapsed:.0f} examples/s; raw model encode of 2048 in batches: "
-        f"{raw_rate:.0f}/s (reindex runs at {report.embedded / elapsed / raw_rate:.0%} of it)"
+        f"{backend:>5}: reindex of {count} examples ({report.embedded} distinct embedded): "
+        f"{elapsed:.1f} s, {report.embedded / elapsed:.0f} examples/s; raw model encode of 2048 "
+        f"in batches: {raw_rate:.0f}/s (reindex runs at {report.embedded / elapsed / raw_rate:.0%} "
+        "of it)"
     )
 
 
@@ -129,10 +133,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--per-intent", type=int, default=10)
-    parser.add_argument("--reindex-speed", action="store_true")
+    parser.add_argument("--reindex-speed", action="store_true", help="also time a full reindex")
+    parser.add_argument(
+        "--only-reindex-speed", action="store_true", help="time a full reindex, nothing else"
+    )
     args = parser.parse_args()
     data: Path = args.data_dir
     train = read_jsonl(data / "clinc150" / "train.jsonl")
+    if args.only_reindex_speed:
+        for backend in ("onnx", "torch"):
+            print(reindex_speed(backend, train))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         roots = {"plain": Path(tmp) / "rails", "safety": Path(tmp) / "rails-safety"}
@@ -163,7 +174,8 @@ def main() -> None:
         )
     if args.reindex_speed:
         print()
-        print(reindex_speed(embedder, train))
+        for backend in ("onnx", "torch"):
+            print(reindex_speed(backend, train))
 
 
 if __name__ == "__main__":
