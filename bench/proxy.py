@@ -8,7 +8,8 @@ index) pointed at it, and this client (httpx, keep-alive). Measured:
    through railproxy, interleaved one by one, distinct prompts (every request
    runs the guard; no decision-cache hits), p50/p99 of each and of the
    per-pair difference; the same for streamed answers (time to the last byte);
-2. a repeated prompt (decision-cache hit), and a refusal (answered locally);
+2. GET /healthz (the HTTP server alone), a repeated prompt (decision-cache hit), and
+   a refusal (answered locally);
 3. requests/s through railproxy at concurrency 1 and 16 (distinct approved prompts).
 
     .venv/bin/python bench/proxy.py [--requests 300] [--seconds 5] [--json]
@@ -214,6 +215,10 @@ async def measure(proxy: str, upstream: str, requests: int, seconds: float) -> d
             result[f"direct_{key}_ms"] = summary(d)
             result[f"proxied_{key}_ms"] = summary(p)
             result[f"added_{key}_ms"] = summary([b - a for a, b in zip(d, p, strict=True)])
+        health = proxy.rsplit("/v1/", 1)[0] + "/healthz"  # the server's floor: no guard
+        result["healthz_ms"] = summary(
+            [await timed(lambda: client.get(health)) for _ in range(requests)]
+        )
         result["cached_ms"] = summary(
             [await timed(proxied("where is my refund"), "prompt") for _ in range(requests)]
         )
@@ -274,6 +279,7 @@ def report(result: dict[str, Any]) -> None:
         ("direct upstream, SSE", "direct_stream_ms"),
         ("through railproxy, SSE", "proxied_stream_ms"),
         ("added by railproxy, SSE", "added_stream_ms"),
+        ("GET /healthz (HTTP only, no guard)", "healthz_ms"),
         ("approved, decision cached", "cached_ms"),
         ("refusal (answered locally)", "refusal_ms"),
     ]
