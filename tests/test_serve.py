@@ -5,26 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
+from railproxy.cli import cli
 from railproxy.demo import BANNER
 from railproxy.embed import Embedder
 from railproxy.guard import Guard
-from railproxy.index import build_index
+from railproxy.index import build_index, index_dir
 from railproxy.proxy_settings import ProxySettings, Secret, SettingsError, check_upstream_url
 from railproxy.rails import load_rails
 from railproxy.serve import Redact
 from railproxy.settings import ServerConfig
+from tests.conftest import RailsFactory
 from tests.proxy_support import (
     REFUND_PROMPT,
     UPSTREAM_KEY,
@@ -375,3 +380,34 @@ def test_a_reindex_is_picked_up_while_serving_under_traffic(
         assert answers[switch:] == [NEW_GREETING] * (len(answers) - switch)
     approved = [r.json()["messages"] for r in upstream.requests]
     assert approved and all(m == [{"role": "user", "content": REFUND_PROMPT}] for m in approved)
+
+
+def _no_index(root: Path) -> None:
+    shutil.rmtree(index_dir(root))
+
+
+def _stale(root: Path) -> None:
+    (root / "extra.yaml").write_text(
+        "intents:\n  - name: extra\n    examples: [a new example]\n    reply: New.\n"
+    )
+
+
+def _corrupt(root: Path) -> None:
+    next(index_dir(root).glob("vectors-*.faiss")).write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [(_no_index, "no index"), (_stale, "changed since"), (_corrupt, "does not match its manifest")],
+    ids=["missing", "stale", "corrupt"],
+)
+def test_serve_refuses_to_start_without_a_sound_index(
+    make_rails: RailsFactory, damage: Callable[[Path], None], says: str
+) -> None:
+    """Never serve unguarded: the CLI exits 1 and says how to fix it, before listening."""
+    root = make_rails()
+    damage(root)
+    result = CliRunner().invoke(cli, ["serve", str(root), "--port", str(free_port())])
+    assert result.exit_code == 1
+    assert says in result.output.lower()
+    assert f"railproxy reindex {root}" in result.output
