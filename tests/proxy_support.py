@@ -248,10 +248,13 @@ class FakeUpstream:
         }
         await send(start)
         events = stream_events(echo(record))
+        watch: asyncio.Task[None] | None = None
         if behaviour == "slow_stream":
             events = events[:1] + [
                 chunk_event(f"tick {i} ") for i in range(options.get("count", 1000))
             ]
+            # Notice the proxy closing the connection between two ticks.
+            watch = asyncio.create_task(self._wait_disconnect(receive))
         for position, event in enumerate(events):
             if position == 1 and behaviour in (
                 "hang_after_first",
@@ -264,9 +267,9 @@ class FakeUpstream:
                 if behaviour == "close_after_first":
                     raise RuntimeError("the fake upstream drops the connection")
                 break
-            if behaviour == "slow_stream":
+            if watch is not None:
                 await asyncio.sleep(options.get("interval", 0.05))
-                if self.disconnected.is_set():
+                if watch.done():
                     return
             await send({"type": "http.response.body", "body": event, "more_body": True})
         else:
@@ -274,6 +277,8 @@ class FakeUpstream:
                 await send(
                     {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True}
                 )
+        if watch is not None:
+            watch.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _wait_disconnect(self, receive: Receive) -> None:

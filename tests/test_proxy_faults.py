@@ -165,6 +165,25 @@ def test_mid_stream_failures_end_with_an_error_event(
     assert len(upstream.requests) == 1
 
 
+def test_a_stream_that_never_ends_is_cut_at_the_total_deadline(
+    fast: Proxy, upstream: FakeUpstream
+) -> None:
+    """Chunks keep coming (so the idle timeout never fires); upstream_total still ends it."""
+    upstream.reset("slow_stream", interval=0.2, count=1000)
+    started = time.monotonic()
+    response = post(fast, stream=True)
+    elapsed = time.monotonic() - started
+    events = [e for e in response.text.split("\n\n") if e]
+    assert response.status_code == 200
+    assert sum('"tick ' in e for e in events) > 5  # it was relayed as it came
+    assert events[-1].startswith('data: {"error":') and '"code":"upstream_timeout"' in events[-1]
+    assert "total deadline" in events[-1]
+    assert "data: [DONE]" not in response.text
+    assert TIMEOUTS["upstream_total"] <= elapsed < TIMEOUTS["upstream_total"] + 2
+    assert upstream.disconnected.wait(3)  # the upstream connection was closed
+    assert len(upstream.requests) == 1
+
+
 def test_sdk_stream_raises_on_a_mid_stream_failure(fast: Proxy, upstream: FakeUpstream) -> None:
     upstream.reset("hang_after_first")
     client = openai.OpenAI(base_url=fast.url + "/v1", api_key="k", max_retries=0)
