@@ -300,6 +300,21 @@ def answers(output: str) -> dict[str, str]:
     return dict(block.partition("\n")[::2] for block in blocks)
 
 
+def test_repo_rails_pass_their_own_tests_and_lint(
+    repo_rails: Path, embedder: SentenceTransformerEmbedder
+) -> None:
+    """rails/ (the README's example) carries tests; they pass, and lint finds nothing."""
+    from railproxy.lint import lint
+
+    guard = Guard(repo_rails, embedder)
+    report = railtest.run(guard)
+    assert len(report.outcomes) >= 100
+    assert report.failures == [], "\n".join(
+        f"{o.case.source}: {o.case.kind} {o.case.text!r}: {o.explain()}" for o in report.failures
+    )
+    assert [f"{f.source}: {f.kind}: {f.message}" for f in lint(guard)] == []
+
+
 NORTHWIND_REPLY = "[reply] Hi! I'm the Northwind Mobile assistant."
 NORTHWIND_NO_MATCH = "[no_match] Sorry, I can only help with Northwind Mobile topics"
 BILL_PROMPT = "You are the customer-support assistant of Northwind Mobile"
