@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -449,34 +449,12 @@ def nemo_http_bench(
 
         out.update(asyncio.run(latency()))
 
-        async def throughput(concurrency: int) -> dict[str, float]:
-            clients = [Client(port) for _ in range(concurrency)]
-            done = errors = 0
-            stop = time.perf_counter() + seconds
-            peak = 0.0
+        async def ask_nemo(client: Client) -> int:
+            status, _ = await nemo_ask(client, prompt(next(counter)))
+            sent[0] += 1
+            return status
 
-            async def worker(client: Client) -> None:
-                nonlocal done, errors
-                while time.perf_counter() < stop:
-                    status, _ = await nemo_ask(client, prompt(next(counter)))
-                    done += 1
-                    sent[0] += 1
-                    errors += status != 200
-
-            async def sample() -> None:
-                nonlocal peak
-                while time.perf_counter() < stop:
-                    peak = max(peak, rss_mb(server.pid))
-                    await asyncio.sleep(0.2)
-
-            t = time.perf_counter()
-            await asyncio.gather(sample(), *(worker(c) for c in clients))
-            elapsed = time.perf_counter() - t
-            for c in clients:
-                c.close()
-            return {"per_s": done / elapsed, "errors": errors, "rss_mb": peak}
-
-        out["http_throughput"] = {str(c): asyncio.run(throughput(c)) for c in CONCURRENCY}
+        out["http_throughput"] = http_throughput(port, server.pid, seconds, ask_nemo)
         out["rss_load_mb"] = max(v["rss_mb"] for v in out["http_throughput"].values())
         out["rss_hwm_mb"] = rss_mb(server.pid, "VmHWM")
         # The server runs LLMRails(verbose=True): each generation logs its LLM call count.
@@ -586,6 +564,40 @@ def upstream_main(port: int) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+def http_throughput(
+    port: int, pid: int, seconds: float, ask: Callable[[Client], Awaitable[int]]
+) -> dict[str, dict[str, float]]:
+    """Requests/s at each CONCURRENCY (one keep-alive connection per client) and peak RSS."""
+
+    async def throughput(concurrency: int) -> dict[str, float]:
+        clients = [Client(port) for _ in range(concurrency)]
+        done = errors = 0
+        stop = time.perf_counter() + seconds
+        peak = 0.0
+
+        async def worker(client: Client) -> None:
+            nonlocal done, errors
+            while time.perf_counter() < stop:
+                status = await ask(client)
+                done += 1
+                errors += status != 200
+
+        async def sample() -> None:
+            nonlocal peak
+            while time.perf_counter() < stop:
+                peak = max(peak, rss_mb(pid))
+                await asyncio.sleep(0.2)
+
+        t = time.perf_counter()
+        await asyncio.gather(sample(), *(worker(c) for c in clients))
+        elapsed = time.perf_counter() - t
+        for c in clients:
+            c.close()
+        return {"per_s": done / elapsed, "errors": errors, "rss_mb": peak}
+
+    return {str(c): asyncio.run(throughput(c)) for c in CONCURRENCY}
 
 
 class Client:
@@ -738,33 +750,10 @@ def proxy_bench(
 
         out.update(asyncio.run(latency()))
 
-        async def throughput(concurrency: int) -> dict[str, float]:
-            clients = [Client(port) for _ in range(concurrency)]
-            done = errors = 0
-            stop = time.perf_counter() + seconds
-            peak = 0.0
+        async def ask_railproxy(client: Client) -> int:
+            return await client.post("/v1/chat/completions", chat(prompt(next(counter))))
 
-            async def worker(client: Client) -> None:
-                nonlocal done, errors
-                while time.perf_counter() < stop:
-                    status = await client.post("/v1/chat/completions", chat(prompt(next(counter))))
-                    done += 1
-                    errors += status != 200
-
-            async def sample() -> None:
-                nonlocal peak
-                while time.perf_counter() < stop:
-                    peak = max(peak, rss_mb(server.pid))
-                    await asyncio.sleep(0.2)
-
-            t = time.perf_counter()
-            await asyncio.gather(sample(), *(worker(c) for c in clients))
-            elapsed = time.perf_counter() - t
-            for c in clients:
-                c.close()
-            return {"per_s": done / elapsed, "errors": errors, "rss_mb": peak}
-
-        out["http_throughput"] = {str(c): asyncio.run(throughput(c)) for c in CONCURRENCY}
+        out["http_throughput"] = http_throughput(port, server.pid, seconds, ask_railproxy)
         out["rss_load_mb"] = max(v["rss_mb"] for v in out["http_throughput"].values())
         out["rss_hwm_mb"] = rss_mb(server.pid, "VmHWM")
     return out
