@@ -88,6 +88,9 @@ class Edge:
                 await self._limited(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = status or 500  # answered by the app's outermost error handler
+            raise
         finally:
             audited = scope["path"] in LIMITED_PATHS or status == 401
             if self.audit is not None and audited and not state.get("audited"):
