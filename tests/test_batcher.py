@@ -260,7 +260,6 @@ def test_sync_check_does_not_use_the_batcher(make_rails: RailsFactory, embedder:
 
 
 def test_under_trio_each_check_runs_alone(make_rails: RailsFactory, embedder: Embedder) -> None:
-    pytest.importorskip("trio")
     guard = Guard(make_rails(), embedder)
     outcomes = anyio.run(check_all, guard, TEXTS[:3], backend="trio")
     assert [o.intent for o in outcomes if isinstance(o, Decision)] == [
