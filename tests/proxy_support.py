@@ -154,8 +154,8 @@ class FakeUpstream:
     Behaviours: ok (echo the messages), status (answer `status` with a leaky body),
     garbage (200 HTML), not_completion (200 JSON without choices), hang (never
     answer), hang_after_first / close_after_first / end_without_done (streams that
-    fail after one event), slow_stream (one event every `interval` s), cookie,
-    redirect.
+    fail after one event), slow_stream (one event every `interval` s), raw (send
+    `body` as it is), cookie, redirect.
     """
 
     behaviour: str = "ok"
@@ -216,6 +216,9 @@ class FakeUpstream:
             headers = [(b"openai-organization", b"org-secret")]
             headers += [(k.encode(), v.encode()) for k, v in options.get("headers", {}).items()]
             await _send(send, options["status"], json.dumps(leaky).encode(), headers=headers)
+        elif behaviour == "raw":  # exactly options["body"], as JSON or as an event stream
+            media = b"text/event-stream" if stream else b"application/json"
+            await _send(send, 200, options["body"], media=media)
         elif behaviour == "garbage":
             await _send(send, 200, b"<html>oops</html>", media=b"text/html")
         elif behaviour == "not_completion":

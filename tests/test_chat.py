@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from railproxy import respond
 from railproxy.chat import (
     IGNORED,
     UNSUPPORTED,
@@ -275,6 +276,18 @@ BAD: list[tuple[str, bytes, str | None, str]] = [
         "stream_options.include_usage",
         "invalid_type",
     ),
+    (
+        "role-list",
+        body(messages=[{"role": [], "content": "x"}]),
+        "messages[0].role",
+        "invalid_value",
+    ),
+    (
+        "earlier-role-object",
+        body(messages=[{"role": {}, "content": "x"}, *USER]),
+        "messages[0].role",
+        "invalid_value",
+    ),
     ("unknown-field", body(chat_template="{{ evil }}"), "chat_template", "unknown_parameter"),
     ("unknown-api-base", body(api_base="http://evil"), "api_base", "unknown_parameter"),
 ]
@@ -288,6 +301,24 @@ def test_bad_requests_are_400_naming_the_param(raw: bytes, param: str | None, co
         parse_chat_request(raw, LIMITS)
     assert (caught.value.param, caught.value.code) == (param, code)
     assert caught.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body()[:-1] + b', "\\ud800": 1}',
+        b'{"messages": [{"role": "user", "content": "hi", "\\udfff": 1}]}',
+        b'{"messages": [], "\\ud800": 1, "\\ud800": 2}',
+    ],
+    ids=["unknown-field", "unknown-message-key", "duplicate-key"],
+)
+def test_errors_that_quote_a_lone_surrogate_are_still_json(raw: bytes) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_chat_request(raw, LIMITS)
+    assert "\ud800" in caught.value.message or "\udfff" in caught.value.message
+    answer = respond.error(400, caught.value.message, code=caught.value.code, param=None)
+    assert json.loads(answer.body)["error"]["message"] == caught.value.message
+    answer.body.decode("ascii")  # escaped, so any transport can carry it
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))

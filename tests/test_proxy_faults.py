@@ -19,11 +19,13 @@ import pytest
 
 from railproxy.embed import Embedder, Vectors
 from railproxy.guard import Guard
+from railproxy.sse import MAX_EVENT_BYTES
 from tests.proxy_support import (
     UPSTREAM_KEY,
     FakeUpstream,
     Proxy,
     chat_body,
+    chunk_event,
     raw_request,
     running_proxy,
 )
@@ -182,6 +184,40 @@ def test_a_stream_that_never_ends_is_cut_at_the_total_deadline(
     assert TIMEOUTS["upstream_total"] <= elapsed < TIMEOUTS["upstream_total"] + 2
     assert upstream.disconnected.wait(3)  # the upstream connection was closed
     assert len(upstream.requests) == 1
+
+
+def test_absurdly_nested_upstream_json_is_a_502(fast: Proxy, upstream: FakeUpstream) -> None:
+    upstream.reset("raw", body=b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    response = post(fast)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_invalid_response"
+    assert len(upstream.requests) == 1
+
+
+def test_an_oversized_event_arriving_whole_ends_the_stream(
+    fast: Proxy, upstream: FakeUpstream
+) -> None:
+    huge = b"data: " + b"x" * (MAX_EVENT_BYTES + 10) + b"\n\n"
+    upstream.reset("raw", body=chunk_event("first ") + huge + b"data: [DONE]\n\n")
+    response = post(fast, stream=True)
+    events = [e for e in response.text.split("\n\n") if e]
+    assert response.status_code == 200
+    assert '"first ' in events[0]
+    assert events[-1].startswith('data: {"error":') and "too large" in events[-1]
+    assert len(response.content) < MAX_EVENT_BYTES  # the big event was never relayed
+    assert "data: [DONE]" not in response.text
+
+
+def test_events_ending_in_any_blank_line_are_relayed(fast: Proxy, upstream: FakeUpstream) -> None:
+    """The SSE spec lets a line end in CRLF, LF or CR; a blank line ends an event."""
+    first, second = chunk_event("one ")[:-2], chunk_event("two ")[:-2]
+    body = first + b"\n\r\n" + second + b"\r\n\n" + b"data: [DONE]\n\r\n"
+    upstream.reset("raw", body=body)
+    client = openai.OpenAI(base_url=fast.url + "/v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "where is my refund"}], stream=True
+    )
+    assert [chunk.choices[0].delta.content for chunk in stream] == ["one ", "two "]
 
 
 def test_sdk_stream_raises_on_a_mid_stream_failure(fast: Proxy, upstream: FakeUpstream) -> None:

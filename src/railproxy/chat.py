@@ -261,7 +261,7 @@ def _last_user_text(messages: Any) -> str:
         if not isinstance(message, dict):
             raise _type_error(f"messages[{position}]", "an object")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(
                 f"messages[{position}].role must be one of {', '.join(sorted(ROLES))}",
                 param=f"messages[{position}].role",

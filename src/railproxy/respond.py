@@ -57,7 +57,8 @@ def error_body(
     message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> bytes:
     error = {"message": message, "type": type, "param": param, "code": code}
-    return dumps({"error": error})
+    # ASCII escapes: messages and params may quote client text, lone surrogates included.
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
 def error(

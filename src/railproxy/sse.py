@@ -19,7 +19,8 @@ import httpx
 from railproxy import respond
 
 MAX_EVENT_BYTES = 1024 * 1024
-_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event ends at a blank line; a line may end in CRLF, LF or CR (the SSE spec).
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\r\n|\r\n\n|\n\n|\r\r")
 
 
 async def next_chunk(chunks: AsyncIterator[bytes], seconds: float) -> bytes:
@@ -115,6 +116,8 @@ class Relay:
         """Split buffered bytes into whole events; False if one grows too large."""
         self._buffer += chunk
         while match := _BOUNDARY.search(self._buffer):
+            if match.end() > MAX_EVENT_BYTES:  # a whole event can arrive in one chunk
+                return False
             self._ready.append(self._buffer[: match.end()])
             self._buffer = self._buffer[match.end() :]
         return len(self._buffer) <= MAX_EVENT_BYTES

@@ -133,7 +133,7 @@ class Upstream:
         data = b"".join(chunks)
         try:
             parsed = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise _invalid("the upstream answer is not JSON") from None
         if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
             raise _invalid("the upstream answer is not a chat completion")
