@@ -76,3 +76,12 @@ def test_never_approves_on_garbage(rails: RailSet, scores: dict[str, float]) -> 
 def test_threshold_override(rails: RailSet) -> None:
     assert decide(rails, {"ask": 0.5}, [], thresholds={"ask": 0.4}).action == "prompt"
     assert decide(rails, {"ask": 0.7}, [], thresholds={"ask": 0.8}).action == "no_match"
+
+
+@pytest.mark.parametrize("mode", ["message", "error"])
+def test_a_decision_carries_its_rails_refusal_mode(tmp_path: Path, mode: str) -> None:
+    """So a reload between deciding and answering cannot answer with the other mode."""
+    files = {**RAILS, "config.yaml": f"threshold: 0.6\nno_match: nope\nrefusal: {mode}\n"}
+    rails = load_rails(write_rails(tmp_path, files))
+    for scores in ({"deny": 0.9}, {"hello": 0.9}, {"ask": 0.9}, {"ask": 0.1}):
+        assert decide(rails, scores, []).refusal_mode == mode

@@ -60,3 +60,22 @@ def test_run_loop_reloads_on_request(make_rails: RailsFactory, embedder: Embedde
         assert guard.check("will it be sunny tomorrow").intent == "weather"
 
     anyio.run(main)
+
+
+def test_an_unreadable_rails_file_fails_the_reload_and_the_old_rails_serve(
+    make_rails: RailsFactory, embedder: Embedder
+) -> None:
+    root = make_rails()
+    guard = Guard(root, embedder)
+    reloader = Reloader(guard, interval=None)
+    old = guard.snapshot
+    (root / "broken.yaml").symlink_to("/proc/self/mem")  # reading it fails with EIO
+
+    async def main() -> None:
+        assert await reloader.check(force=True) is False
+
+    anyio.run(main)
+    assert guard.snapshot is old
+    assert reloader.failures == 1
+    assert "broken.yaml: cannot read" in (reloader.last_error or "")
+    assert guard.check("where is my refund").intent == "refund_status"

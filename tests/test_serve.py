@@ -170,11 +170,24 @@ def change_greeting(root: Path, embedder: Embedder) -> None:
     build_index(load_rails(root), embedder)
 
 
-def slow_headers_are_cut_off(port: int, *, after: float) -> bool:
-    """A client dripping its headers (slowloris) is disconnected about `after` s in."""
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+
+
+def dripping_is_cut_off(port: int, *, after: float, first: bytes = b"", then: bytes) -> bool:
+    """A client dripping bytes (slowloris) is disconnected about `after` s in.
+
+    `first` is a request the server answers at once (here: 401, no key) without
+    reading its body; `then` is sent next, before the drip.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=after + 5) as sock:
+        if first:
+            sock.sendall(first)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 401"), head
         started = time.monotonic()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        sock.sendall(then)
         try:
             while time.monotonic() - started < after + 5:
                 sock.sendall(b"x")  # one byte at a time: each resets uvicorn's own timer
@@ -225,7 +238,11 @@ def test_serve_command_answers_reloads_on_sighup_and_drains_on_sigterm(
                 pass
             assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.2)
-        assert slow_headers_are_cut_off(port, after=1)
+        assert dripping_is_cut_off(port, after=1, then=HEAD)  # headers, slowly
+        early = HEAD + b"content-length: 5\r\n\r\n"  # answered 401 before its body
+        assert dripping_is_cut_off(port, after=1, first=early, then=b"12345" + HEAD)
+        big = HEAD + b"content-length: 100000\r\n\r\n"  # then the body, slowly
+        assert dripping_is_cut_off(port, after=1, first=big, then=b"")
         client = openai.OpenAI(base_url=url + "/v1", api_key="rp-serve-key", max_retries=0)
         with httpx.Client(base_url=url, headers={"authorization": "Bearer rp-serve-key"}) as http:
             completion = client.chat.completions.create(

@@ -38,6 +38,9 @@ class Decision:
     upstream_messages: tuple[Mapping[str, str], ...] = ()  # prompt only
     upstream_model: str | None = None  # prompt only
     scores: Mapping[str, float] = field(default_factory=dict)  # every scored intent
+    # How refusals are answered under the snapshot that decided (config `refusal`), so a
+    # reload between deciding and answering cannot mix two rails versions.
+    refusal_mode: Literal["message", "error"] = "message"
 
     @property
     def approved(self) -> bool:
@@ -88,6 +91,7 @@ def decide(
             rails.digest,
             message=rails.config.no_match,
             scores=scored,
+            refusal_mode=rails.config.refusal,
         )
     top_score = max(score for _, score in candidates)
     tied = [c for c in candidates if top_score - c[1] <= TIE]
@@ -104,6 +108,7 @@ def decide(
             rails.digest,
             message=text,
             scores=scored,
+            refusal_mode=rails.config.refusal,
         )
     return Decision(
         "prompt",
@@ -115,4 +120,5 @@ def decide(
         upstream_messages=tuple(intent.messages(user_text)),
         upstream_model=rails.upstream_model(intent),
         scores=scored,
+        refusal_mode=rails.config.refusal,
     )

@@ -2,7 +2,8 @@
 
 In order, for every HTTP request:
 
-1. a fresh `x-request-id` (never the client's) goes on every response, errors included;
+1. a fresh `x-request-id` (never the client's) goes on every response, errors included
+   (an exception from the app is answered here, as a 500 with the id);
 2. a percent-encoded path is a 404: `/v1/chat%2Fcompletions` must not reach a route;
 3. when client keys are configured, everything but /healthz and /readyz needs
    `Authorization: Bearer <key>` (401 otherwise);
@@ -31,6 +32,7 @@ from railproxy.proxy_settings import ClientKeys
 from railproxy.respond import Answer
 
 access_log = logging.getLogger("railproxy.access")
+logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 LIMITED_PATHS = frozenset({"/v1/chat/completions"})
@@ -88,9 +90,15 @@ class Edge:
                 await self._limited(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
-        except Exception:
-            status = status or 500  # answered by the app's outermost error handler
-            raise
+        except Exception as exc:
+            if status:  # the response has started: all that is left is to drop the connection
+                raise
+            # Answered here, not by Starlette's outer error handler, so it carries the id.
+            # The type only: an exception's message may quote the request.
+            logger.error("request %s failed: %s", request_id, type(exc).__name__)
+            await send_answer(
+                send_with_id, respond.error(500, "internal error", code="internal_error")
+            )
         finally:
             audited = scope["path"] in LIMITED_PATHS or status == 401
             if self.audit is not None and audited and not state.get("audited"):

@@ -79,7 +79,7 @@ async def handle(
     if not decision.approved:
         answer = respond.decision_answer(
             decision,
-            mode=guard.rails.config.refusal,
+            mode=decision.refusal_mode,
             stream=request.stream,
             include_usage=request.include_usage,
             request_id=request_id,

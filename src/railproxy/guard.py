@@ -91,9 +91,12 @@ class Guard:
         self._snapshot = snapshot
         return snapshot
 
-    def prepare(self, text: str) -> str:
-        """Normalise and size-check one text. Raises InputError/InputTooLong (HTTP 400)."""
-        limit = self.rails.config.server.max_input_chars
+    def prepare(self, text: str, rails: RailSet | None = None) -> str:
+        """Normalise and size-check one text (under `rails`, default the current ones).
+
+        Raises InputError/InputTooLong (HTTP 400).
+        """
+        limit = (rails or self.rails).config.server.max_input_chars
         if len(text) > limit:
             raise InputTooLong(f"the message is {len(text)} characters; the limit is {limit}")
         cleaned = normalize(text)
@@ -115,7 +118,7 @@ class Guard:
     def check_many(self, texts: Sequence[str]) -> list[Decision]:
         """Decisions for many texts, embedded in one batch. Raises on the first bad text."""
         snapshot = self._snapshot  # one snapshot for the whole call
-        cleaned = [self.prepare(text) for text in texts]
+        cleaned = [self.prepare(text, snapshot.rails) for text in texts]
         try:
             vectors = self.embedder.embed(cleaned)
             rows = nearest(snapshot.index, vectors)

@@ -48,7 +48,7 @@ def check_headers(headers: Iterable[tuple[bytes, bytes]], *, max_bytes: int) -> 
             )
         )
     declared = found.get(b"content-length", "").strip()
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:  # not "²"
         raise Rejected(_too_large(max_bytes))
 
 

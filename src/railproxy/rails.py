@@ -228,7 +228,7 @@ def rails_digest(root: Path) -> str:
     labelled = [(p.name, p) for p in rail_files(root)]
     labelled += [(f"pack:{p.name}", p) for p in pack_files()]
     for label, path in labelled:
-        data = path.read_bytes()
+        data = _read_bytes(path)
         digest.update(f"{label}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
@@ -290,8 +290,16 @@ def load_rails(root: Path | str) -> RailSet:
     )
 
 
+def _read_bytes(path: Path) -> bytes:
+    """A rails file's bytes; an unreadable file is a RailsError naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RailsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

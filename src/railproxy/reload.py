@@ -56,10 +56,10 @@ class Reloader:
         self._seen = stamp
         try:
             snapshot = await anyio.to_thread.run_sync(self.guard.reload)
-        except RailproxyError as exc:
+        except Exception as exc:  # whatever broke (an unreadable file too), keep serving
             self.failures += 1
-            self.last_error = str(exc)
-            logger.error("reload failed, still serving the previous rails: %s", exc)
+            self.last_error = str(exc) if isinstance(exc, RailproxyError) else repr(exc)
+            logger.error("reload failed, still serving the previous rails: %s", self.last_error)
             return False
         self.reloads += 1
         self.last_error = None

@@ -5,15 +5,15 @@ request line and headers slowly: any byte cancels the keep-alive timer, so a
 client dripping one header byte at a time holds a connection (and a slot of
 `max_in_flight`'s budget of sockets) for ever. Here every request's headers
 must be complete within `client_header` seconds of the connection opening or of
-the previous response ending; otherwise the connection is closed. Request
-bodies have their own deadline (`client_body`, answered 408 by `intake`).
+the previous response ending, and so must the rest of a body that the app
+answered without reading; otherwise the connection is closed. Bodies the app
+reads have their own deadline (`client_body`, answered 408 by `intake`).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -21,11 +21,14 @@ def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
     """An H11Protocol class whose connections must send whole headers within `seconds`."""
 
     class HeaderDeadlineProtocol(H11Protocol):
+        # Armed whenever the connection waits on the client with no request in the app:
+        # for a request's headers, or for the rest of a body the app answered without
+        # reading (an early 401/413/415/503). Never while the app handles a request.
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._update()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -33,17 +36,21 @@ def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
-                self._disarm()
+            self._update()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-                self._arm()  # the next request on this connection gets its own deadline
+            self._update()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(seconds, self._expired)
+        def _in_app(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _update(self) -> None:
+            if self._in_app():
+                self._disarm()
+            elif self._header_timer is None and not self.transport.is_closing():
+                # Not re-armed by later bytes: a deadline, not an idle timeout.
+                self._header_timer = self.loop.call_later(seconds, self._expired)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -52,7 +59,7 @@ def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
 
         def _expired(self) -> None:
             self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if not self._in_app() and not self.transport.is_closing():
                 self.transport.close()
 
     return HeaderDeadlineProtocol
