@@ -9,6 +9,7 @@ import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "railproxy"
 CORE = [
+    "atomic",
     "errors",
     "settings",
     "rails",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from railproxy.atomic import write_atomically
 from railproxy.embed import Embedder, Vectors
 from railproxy.errors import CorruptIndex, IndexNotFound, StaleIndex
 from railproxy.normalize import normalize
@@ -149,7 +148,7 @@ def write_index(
     data = faiss.serialize_index(index).tobytes()
     sha = hashlib.sha256(data).hexdigest()
     vectors_name = f"vectors-{sha[:12]}.faiss"
-    _atomic_write(folder / vectors_name, data)
+    write_atomically(folder / vectors_name, data)
     manifest = {
         "format": FORMAT,
         "model": embedder.name,
@@ -161,7 +160,7 @@ def write_index(
         "examples": [{"intent": e.intent, "text": e.text, "key": e.key} for e in entries],
     }
     manifest_path = folder / MANIFEST
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomically(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     for stale in folder.glob("vectors-*.faiss"):
         if stale.name != vectors_name:
             stale.unlink(missing_ok=True)
@@ -242,22 +241,3 @@ def _previous_vectors(root: Path, embedder: Embedder) -> dict[str, np.ndarray]:
 def _check_vectors(vectors: Vectors, count: int, dimension: int) -> None:
     if vectors.shape != (count, dimension) or not np.all(np.isfinite(vectors)):
         raise CorruptIndex(f"the model returned unusable vectors (shape {vectors.shape})")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # readable by a non-root server process
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from railproxy.atomic import write_atomically
 from railproxy.embed import Vectors, resolve_model
 from railproxy.errors import RailproxyError
 
@@ -440,17 +441,7 @@ def _main(argv: Sequence[str]) -> int:
     except Exception as exc:
         print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
         return 1
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, data)
     return 0
 
 
