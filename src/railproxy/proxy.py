@@ -149,15 +149,6 @@ def create_app(settings: ProxySettings, *, guard: Guard | None = None) -> FastAP
             return AnswerResponse(answer, exc.headers)
         return AnswerResponse(respond.error(exc.status_code, str(exc.detail), code=None))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        logger.error(
-            "request %s failed: %s",
-            request.scope.get("state", {}).get("request_id"),
-            type(exc).__name__,
-        )
-        return AnswerResponse(respond.error(500, "internal error", code="internal_error"))
-
     @app.post("/v1/chat/completions", response_model=None, include_in_schema=False)
     async def chat_completions(request: Request) -> Response:
         state = request.scope["state"]
