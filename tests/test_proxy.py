@@ -37,7 +37,6 @@ UPSTREAM_HEADERS = {
     "user-agent",
     "accept",
     "accept-encoding",
-    "connection",
 }
 REFUND_BODY = {
     "model": "gpt-4o-mini",

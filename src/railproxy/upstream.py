@@ -1,10 +1,11 @@
-"""The upstream LLM: one httpx client, explicit deadlines, a fixed error mapping.
+"""The upstream LLM: one httpx transport, explicit deadlines, a fixed error mapping.
 
 Each request carries the upstream key, `content-type`, `accept`, a fixed
-`user-agent` and what HTTP itself needs (host, content-length, connection,
-`accept-encoding: identity`). No client header, no cookie (the jar refuses to
-store any), no proxy or .netrc from the environment, no redirect followed. The
-URL is fixed at start-up. A request that was sent is never retried.
+`user-agent` and what HTTP itself needs (host, content-length,
+`accept-encoding: identity`). No client header and no cookie: requests go
+straight to the transport (`http1.Http1Transport`, or the demo's), so there is no
+cookie jar, no proxy or .netrc from the environment and no redirect to follow.
+The URL is fixed at start-up. A request that was sent is never retried.
 
 | upstream                                   | client                                     |
 |--------------------------------------------|--------------------------------------------|
@@ -25,13 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import anyio
 import httpx
 
 from railproxy import respond
 from railproxy.errors import UpstreamError
+from railproxy.http1 import Http1Transport
 from railproxy.respond import Answer
 from railproxy.settings import Timeouts
 from railproxy.sse import Relay, StreamFailed, next_chunk
@@ -82,27 +83,22 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self._url = httpx.URL(self.url)  # parsed once: parsing costs ~0.1 ms a request
         self.timeouts = timeouts
         self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=timeouts.upstream_connect,
-                read=None,  # first-byte, idle and total deadlines are enforced here
-                write=WRITE_TIMEOUT,
-                pool=timeouts.upstream_connect,
-            ),
-            limits=httpx.Limits(max_connections=max_connections),
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            trust_env=False,
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._transport = transport or Http1Transport(max_connections=max_connections)
+        self._timeouts = {
+            "connect": timeouts.upstream_connect,
+            "read": None,  # first-byte, idle and total deadlines are enforced here
+            "write": WRITE_TIMEOUT,
+            "pool": timeouts.upstream_connect,
+        }
 
     def __repr__(self) -> str:
         return f"Upstream({self.url!r})"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     async def complete(self, body: bytes) -> bytes:
         """Send a non-streaming request; the upstream's JSON bytes, checked."""
@@ -167,11 +163,13 @@ class Upstream:
             "accept-encoding": "identity",
             "user-agent": USER_AGENT,
         }
-        request = self._client.build_request("POST", self.url, content=body, headers=headers)
+        request = httpx.Request(
+            "POST", self._url, content=body, headers=headers, extensions={"timeout": self._timeouts}
+        )
         deadline = Deadline(self.timeouts.upstream_total)
         try:
             with anyio.fail_after(min(self.timeouts.upstream_first_byte, deadline())):
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise timed_out("no response headers") from exc
         except httpx.HTTPError as exc:
