@@ -137,14 +137,9 @@ def guard_child(backend: str, root: Path, seconds: float, requests: int) -> dict
     import anyio
 
     started = time.perf_counter()
-    from railproxy.embed import make_embedder
     from railproxy.guard import Guard
-    from railproxy.index import index_dir
-    from railproxy.rails import load_rails
 
-    embedder = make_embedder(
-        load_rails(root).config.model, backend=backend, cache_dir=index_dir(root)
-    )
+    embedder = served_embedder(backend, root)
     guard = Guard(root, embedder)
     guard.warm_up()
     ready = time.perf_counter() - started
@@ -735,18 +730,13 @@ def upstream_hop(upstream_port: int, requests: int) -> dict[str, dict[str, float
     return asyncio.run(run())
 
 
-def floor_embedder(backend: str, root: Path) -> Any:
-    """The backend's embedder in this process, configured as `railproxy serve` makes it."""
+def served_embedder(backend: str, root: Path) -> Any:
+    """The backend's embedder in this process, made as `railproxy serve` makes it."""
     from railproxy.embed import make_embedder
     from railproxy.index import index_dir
     from railproxy.rails import load_rails
 
-    embedder = make_embedder(
-        load_rails(root).config.model, backend=backend, cache_dir=index_dir(root)
-    )
-    for i in range(20):
-        embedder.embed([prompt(10**8 + i)])
-    return embedder
+    return make_embedder(load_rails(root).config.model, backend=backend, cache_dir=index_dir(root))
 
 
 def proxy_bench(
@@ -776,7 +766,9 @@ def proxy_bench(
         time.sleep(0.5)
         out["rss_idle_mb"] = rss_mb(server.pid)
         counter = iter(range(10**9))
-        embedder = floor_embedder(backend, root)
+        embedder = served_embedder(backend, root)
+        for i in range(20):  # warm up, as the server did before /readyz
+            embedder.embed([prompt(10**8 + i)])
 
         async def latency() -> dict[str, Any]:
             direct, proxied = Client(upstream_port), Client(port)
@@ -792,7 +784,7 @@ def proxy_bench(
                 p = time.perf_counter() - t
                 if status != 200:
                     raise RuntimeError(f"the proxy answered {status}")
-                # The floor in the same moment (this VM's speed drifts by +-20% over
+                # The floor in the same moment (this VM's speed drifts by 20-40% within
                 # minutes): three encodes of fresh prompts, the first one not counted,
                 # so the floor is the warm, lowest-cost encode.
                 warm = []

@@ -142,7 +142,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         hostname = host.decode("ascii")
         context: ssl.SSLContext | None = None
         if scheme == b"https":
-            context = self._ssl_context or httpx.create_ssl_context()
+            if self._ssl_context is None:  # loading the CA bundle is slow: once per transport
+                self._ssl_context = httpx.create_ssl_context()
+            context = self._ssl_context
         try:
             async with asyncio.timeout(limit):
                 reader, writer = await asyncio.open_connection(
@@ -276,24 +278,33 @@ def _parse_head(block: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], in
 
 
 def _framing(status: int, headers: list[tuple[bytes, bytes]], minor: int) -> _Framing:
-    connection = b",".join(v for k, v in headers if k.lower() == b"connection").lower()
-    keep_alive = minor == 1 and b"close" not in {t.strip() for t in connection.split(b",")}
+    connection = _tokens(headers, b"connection")
+    keep_alive = minor == 1 and b"close" not in connection
     if status in (204, 304):
         return _Framing(length=0, chunked=False, keep_alive=keep_alive)
-    codings = b",".join(v for k, v in headers if k.lower() == b"transfer-encoding").lower()
+    lengths = set(_tokens(headers, b"content-length"))
+    codings = _tokens(headers, b"transfer-encoding")
     if codings:
-        if [c.strip() for c in codings.split(b",")] != [b"chunked"]:
+        if codings != [b"chunked"]:
             raise httpx.RemoteProtocolError("the upstream used an unsupported transfer coding")
         # With both, the length is ignored (RFC 9112 6.3); never reuse such a connection.
-        has_length = any(k.lower() == b"content-length" for k, _ in headers)
-        return _Framing(length=None, chunked=True, keep_alive=keep_alive and not has_length)
-    lengths = {v.strip() for k, v in headers if k.lower() == b"content-length"}
-    lengths = {part.strip() for value in lengths for part in value.split(b",")}
+        return _Framing(length=None, chunked=True, keep_alive=keep_alive and not lengths)
     if not lengths:
         return _Framing(length=None, chunked=False, keep_alive=False)  # ends at close
-    if len(lengths) != 1 or not next(iter(lengths)).isdigit() or len(next(iter(lengths))) > 18:
+    length = lengths.pop()
+    if lengths or not length.isdigit() or len(length) > 18:
         raise httpx.RemoteProtocolError("the upstream sent an invalid content-length")
-    return _Framing(length=int(next(iter(lengths))), chunked=False, keep_alive=keep_alive)
+    return _Framing(length=int(length), chunked=False, keep_alive=keep_alive)
+
+
+def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """The comma-separated values of every `name` header, in order, lower-cased."""
+    return [
+        token.strip().lower()
+        for key, value in headers
+        if key.lower() == name
+        for token in value.split(b",")
+    ]
 
 
 class _ResponseBody(httpx.AsyncByteStream):
