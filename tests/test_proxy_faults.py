@@ -238,12 +238,20 @@ def test_disconnect_cancels_a_non_streaming_upstream_request(
     proxy: Proxy, upstream: FakeUpstream
 ) -> None:
     upstream.reset("hang")
+    aborted = client_aborts(proxy)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(proxy.url + CHAT, content=chat_body(), headers=JSON, timeout=0.5)
     gone = time.monotonic()
     assert upstream.disconnected.wait(3)
     assert upstream.disconnected_at is not None
     assert upstream.disconnected_at - gone < 2
+    assert client_aborts(proxy) == aborted + 1  # counted as the client's abort
+
+
+def client_aborts(proxy: Proxy) -> float:
+    text = httpx.get(proxy.url + "/metrics").text
+    line = 'railproxy_upstream_responses_total{outcome="client_abort",status="499"} '
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 
 
 def test_disconnect_cancels_a_streaming_upstream_request(
