@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -83,8 +84,6 @@ class BrokenEmbedder:
         if self.mode == "raise":
             raise RuntimeError("CUDA out of memory")
         if self.mode == "slow":
-            import time
-
             time.sleep(0.5)
         vectors = self.inner.embed(texts)
         if self.mode == "nan":
@@ -111,8 +110,16 @@ def test_async_guard_times_out_closed(make_rails: RailsFactory, embedder: Embedd
     async def main() -> None:
         with pytest.raises(GuardUnavailable, match=r"did not answer within 0\.1 s"):
             await guard.acheck("where is my refund")
+        # A tighter limit from the caller (the server's override) wins; a looser one not.
+        with pytest.raises(GuardUnavailable, match=r"did not answer within 0\.05 s"):
+            await guard.acheck("where is my refund", within=0.05)
+        with pytest.raises(GuardUnavailable, match=r"did not answer within 0\.1 s"):
+            await guard.acheck("where is my refund", within=30)
 
     anyio.run(main)
+    # The first slow batch still runs in the batcher's thread (the later ones were
+    # abandoned before they started): let it end, or an exit now aborts inside the model.
+    time.sleep(1.0)
 
 
 def test_reload_swaps_and_failed_reload_keeps_old(

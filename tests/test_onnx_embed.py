@@ -130,6 +130,21 @@ def test_batch_and_single_agree(onnx_embedder: OnnxEmbedder) -> None:
     assert float(np.sum(batch * alone, axis=1).min()) >= 0.99999
 
 
+def test_a_counted_text_reuses_its_tokens_and_embeds_the_same(
+    onnx_embedder: OnnxEmbedder,
+) -> None:
+    """Guard.prepare counts a text, then embeds it: that tokenisation is reused, with
+    the same vector as tokenising again; a stale or truncated count is not used."""
+    long_text = "Where Is My REFUND " * 100  # over the window: truncated, not reused
+    for text in ["Where is my REFUND for order 1234?", "hi", long_text]:
+        fresh = onnx_embedder.embed([text])  # nothing counted for it: tokenised here
+        onnx_embedder.count_tokens(text)
+        np.testing.assert_array_equal(onnx_embedder.embed([text]), fresh)
+        onnx_embedder.count_tokens("something else entirely")
+        np.testing.assert_array_equal(onnx_embedder.embed([text]), fresh)
+    assert onnx_embedder.count_tokens(long_text) > onnx_embedder.max_tokens
+
+
 def test_empty_batch(onnx_embedder: OnnxEmbedder) -> None:
     assert onnx_embedder.embed([]).shape == (0, 384)
 

@@ -133,8 +133,9 @@ class Guard:
             decisions.append(decide(snapshot.rails, scores, matches, user_text=text))
         return decisions
 
-    async def acheck(self, text: str) -> Decision:
-        """`check` off the event loop, bounded by the rails' guard timeout (fail closed).
+    async def acheck(self, text: str, *, within: float | None = None) -> Decision:
+        """`check` off the event loop, within the rails' guard timeout or `within`
+        seconds, whichever is shorter (fail closed: GuardUnavailable).
 
         Concurrent calls are embedded together in one model call (`batcher`); a
         repeated text under the same rails is answered from `decisions`.
@@ -145,7 +146,7 @@ class Guard:
             cached = self.decisions.get(key, self._snapshot.rails.digest)
             if cached is not None:
                 return cached
-        limit = server.timeouts.guard
+        limit = server.timeouts.guard if within is None else min(within, server.timeouts.guard)
         try:
             with anyio.fail_after(limit):
                 decision = await self.batcher.submit(text)

@@ -71,7 +71,7 @@ def score_intents(
     centroid = np.asarray(vectors, dtype=np.float32) @ index.centroids.T
     if not np.all(np.isfinite(centroid)):
         raise GuardUnavailable("a similarity score is not a number")
-    refusals = {i.name for i in rails.intents if i.action == "refuse"}
+    refusals = rails.refusals
     results = []
     for row, matches in zip(centroid.tolist(), neighbours, strict=True):
         scores = dict(zip(index.intents, row, strict=True))

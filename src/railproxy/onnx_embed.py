@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,9 @@ class OnnxEmbedder:
             pad_id=int(padding.get("pad_id", 0)), pad_token=str(padding.get("pad_token", "[PAD]"))
         )
         self._tokenizer.enable_truncation(self._max_tokens)
+        # Guard.prepare counts each text just before embedding it: a lone text reuses
+        # that tokenisation instead of tokenising again (about 0.1 ms a request).
+        self._counted = threading.local()
 
     @property
     def name(self) -> str:
@@ -236,7 +240,10 @@ class OnnxEmbedder:
         return self._max_tokens
 
     def count_tokens(self, text: str) -> int:
-        return len(self._counter.encode(self._prep(text), add_special_tokens=True).ids)
+        prepped = self._prep(text)
+        ids = self._counter.encode(prepped, add_special_tokens=True).ids
+        self._counted.last = (prepped, ids)
+        return len(ids)
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         items = [self._prep(text) for text in texts]
@@ -256,12 +263,27 @@ class OnnxEmbedder:
     def _run(self, texts: list[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
+        counted = getattr(self._counted, "last", None)
+        if (
+            len(texts) == 1
+            and counted is not None
+            and counted[0] == texts[0]
+            and len(counted[1]) <= self._max_tokens
+        ):
+            # Exactly what the batch tokenizer gives one text that needs no truncation.
+            ids = counted[1]
+            columns = {
+                "input_ids": [ids],
+                "attention_mask": [[1] * len(ids)],
+                "token_type_ids": [[0] * len(ids)],
+            }
+        else:
+            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+            columns = {
+                "input_ids": [e.ids for e in encodings],
+                "attention_mask": [e.attention_mask for e in encodings],
+                "token_type_ids": [e.type_ids for e in encodings],
+            }
         feed = {name: np.asarray(columns[name], dtype=np.int64) for name in self._inputs}
         vectors = np.asarray(self._session.run([self._output], feed)[0], dtype=np.float32)
         # Normalise here too: a model without a Normalize module is normalised by the

@@ -182,6 +182,11 @@ class RailSet:
     def by_name(self) -> dict[str, Intent]:
         return {intent.name: intent for intent in self.intents}
 
+    @cached_property
+    def refusals(self) -> frozenset[str]:
+        """Names of the intents that refuse."""
+        return frozenset(intent.name for intent in self.intents if intent.action == "refuse")
+
     def threshold(self, intent: Intent) -> float:
         return self.config.threshold if intent.threshold is None else intent.threshold
 

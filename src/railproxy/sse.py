@@ -5,11 +5,13 @@ line), so a stream that breaks mid-event never leaves half an event before the
 error. The relay ends in exactly one of two ways: the upstream's `data: [DONE]`,
 or an SSE error event (`upstream_timeout` when the upstream stalls past the idle
 or total deadline, `upstream_stream_error` when it fails or stops before
-`[DONE]`), after which nothing follows. Framework-free.
+`[DONE]`), after which nothing follows. Framework-free; asyncio only (the proxy's
+server and upstream transport).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -24,8 +26,8 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\r\n|\r\n\n|\n\n|\r\r")
 
 
 async def next_chunk(chunks: AsyncIterator[bytes], seconds: float) -> bytes:
-    """The next chunk within `seconds`; TimeoutError otherwise."""
-    with anyio.fail_after(seconds):
+    """The next chunk within `seconds`; TimeoutError otherwise (asyncio only)."""
+    async with asyncio.timeout(seconds):
         return await anext(chunks)
 
 
