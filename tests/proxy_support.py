@@ -227,6 +227,8 @@ class FakeUpstream:
             await _send(send, 307, b"", headers=[(b"location", b"http://127.0.0.1:9/elsewhere")])
         elif behaviour == "hang":
             await self._wait_disconnect(receive)
+        elif behaviour in ("hang_in_body", "drip_body", "huge_body") and not stream:
+            await self._json_body(behaviour, options, receive, send)
         elif stream:
             await self._stream(behaviour, options, record, receive, send)
         else:
@@ -283,6 +285,29 @@ class FakeUpstream:
         if watch is not None:
             watch.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _json_body(
+        self, behaviour: str, options: Mapping[str, Any], receive: Receive, send: Send
+    ) -> None:
+        """A 200 JSON answer whose body stalls, drips, or never stops growing."""
+        start: Message = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": b'{"choices": [', "more_body": True})
+        watch = asyncio.create_task(self._wait_disconnect(receive))
+        try:
+            if behaviour == "hang_in_body":
+                await watch
+                return
+            while not watch.done():  # until the proxy gives up and hangs up
+                await asyncio.sleep(options.get("interval", 0.0))
+                chunk = b" " * (1 if behaviour == "drip_body" else 1024 * 1024)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            watch.cancel()
 
     async def _wait_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

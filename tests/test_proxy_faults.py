@@ -186,6 +186,37 @@ def test_a_stream_that_never_ends_is_cut_at_the_total_deadline(
     assert len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize(
+    ("behaviour", "options", "status", "code", "message", "seconds"),
+    [
+        ("hang_in_body", {}, 504, "upstream_timeout", "reading the answer", (1, 3)),
+        # Each byte within the idle deadline, but the whole past the total deadline.
+        ("drip_body", {"interval": 0.2}, 504, "upstream_timeout", "reading the answer", (5, 7)),
+        ("huge_body", {}, 502, "upstream_invalid_response", "too large", (0, 3)),
+    ],
+    ids=["stalls", "drips", "too-large"],
+)
+def test_a_json_answer_that_stalls_drips_or_grows_is_cut_off(
+    fast: Proxy,
+    upstream: FakeUpstream,
+    behaviour: str,
+    options: dict[str, Any],
+    status: int,
+    code: str,
+    message: str,
+    seconds: tuple[float, float],
+) -> None:
+    upstream.reset(behaviour, **options)
+    started = time.monotonic()
+    response = post(fast)
+    elapsed = time.monotonic() - started
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert message in response.json()["error"]["message"]
+    assert seconds[0] <= elapsed < seconds[1]
+    assert upstream.disconnected.wait(3)  # and the upstream connection was dropped
+
+
 def test_absurdly_nested_upstream_json_is_a_502(fast: Proxy, upstream: FakeUpstream) -> None:
     upstream.reset("raw", body=b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     response = post(fast)

@@ -53,8 +53,12 @@ class Edge:
         max_in_flight: int,
         metrics: Metrics,
         audit: Callable[[dict[str, Any], int], None] | None = None,
+        chat: ASGIApp | None = None,
     ) -> None:
         self.app = app
+        # POST /v1/chat/completions goes straight to `chat` when given: every guarded
+        # request then skips the framework's exception middleware and router.
+        self.chat = chat
         self.keys = keys
         self.max_in_flight = max_in_flight
         self.metrics = metrics
@@ -134,8 +138,9 @@ class Edge:
             return
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        app = self.chat if self.chat is not None and scope["method"] == "POST" else self.app
         try:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()

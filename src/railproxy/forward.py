@@ -37,15 +37,30 @@ if TYPE_CHECKING:
 
 
 class AnswerResponse(Response):
-    """An `Answer` as a Starlette response."""
+    """An `Answer` as a Starlette response; `done` runs once it has been sent.
 
-    def __init__(self, answer: Answer, extra: Mapping[str, str] | None = None) -> None:
+    Bookkeeping (metrics, the audit record) goes in `done`, so the client does not
+    wait for it.
+    """
+
+    def __init__(
+        self,
+        answer: Answer,
+        extra: Mapping[str, str] | None = None,
+        *,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(answer.body, answer.status)
         self.answer = answer
         self.extra = dict(extra or {})
+        self.done = done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_answer(send, self.answer, self.extra)
+        try:
+            await send_answer(send, self.answer, self.extra)
+        finally:
+            if self.done is not None:
+                self.done()
 
 
 class RelayResponse(Response):
@@ -75,8 +90,8 @@ async def forward(
     started = time.perf_counter()
 
     def record(**fields: Any) -> None:
-        upstream_ms = round((time.perf_counter() - started) * 1000, 3)
-        proxy.record(state, score=decision.score, stream=stream, upstream_ms=upstream_ms, **fields)
+        fields.setdefault("upstream_ms", round((time.perf_counter() - started) * 1000, 3))
+        proxy.record(state, score=decision.score, stream=stream, **fields)
 
     try:
         if stream:
@@ -93,14 +108,18 @@ async def forward(
         proxy.metrics.upstream(CLIENT_CLOSED, "client_abort")
         record(status=CLIENT_CLOSED, outcome="client_abort")
         return Response(status_code=CLIENT_CLOSED)
-    proxy.metrics.upstream_seconds.observe(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    proxy.metrics.upstream_seconds.observe(seconds)
     if isinstance(result, Relay):
 
-        def done(ended: str) -> None:
-            proxy.metrics.upstream(200, ended)
-            record(status=200, outcome=ended)
+        def ended(outcome: str) -> None:
+            proxy.metrics.upstream(200, outcome)
+            record(status=200, outcome=outcome)
 
-        return RelayResponse(result, headers, done)
-    proxy.metrics.upstream(200, "completed")
-    record(status=200, outcome="completed")
-    return AnswerResponse(Answer(200, result, JSON, headers))
+        return RelayResponse(result, headers, ended)
+
+    def completed() -> None:
+        proxy.metrics.upstream(200, "completed")
+        record(status=200, outcome="completed", upstream_ms=round(seconds * 1000, 3))
+
+    return AnswerResponse(Answer(200, result, JSON, headers), done=completed)

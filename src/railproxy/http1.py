@@ -109,6 +109,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
     async def _acquire(self, limit: float | None) -> None:
         if self._slots is None:  # made on first use, inside the running loop
             self._slots = asyncio.Semaphore(self.max_connections)
+        if not self._slots.locked():  # free: taken at once, no deadline to arm
+            await self._slots.acquire()
+            return
         try:
             async with asyncio.timeout(limit):
                 await self._slots.acquire()
@@ -214,8 +217,11 @@ class _Connection:
     @staticmethod
     async def _read(pending: Any, limit: float | None, *, head: bool = False) -> bytes:
         try:
-            async with asyncio.timeout(limit):
+            if limit is None:  # no deadline here (the caller keeps its own): nothing to arm
                 data: bytes = await pending
+                return data
+            async with asyncio.timeout(limit):
+                data = await pending
                 return data
         except TimeoutError:
             raise httpx.ReadTimeout("reading from the upstream timed out") from None

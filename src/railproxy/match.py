@@ -39,16 +39,17 @@ def nearest(index: IntentIndex, vectors: Vectors, k: int = NEIGHBOURS) -> list[l
     if not index.entries:
         raise GuardUnavailable("the index is empty")
     scores, ids = index.search(vectors, k)
+    if ids.shape[1] == 0 or not np.isfinite(scores).all():  # one check for the whole batch
+        raise GuardUnavailable("the index returned no usable neighbours")
+    entries, count = index.entries, len(index.entries)
     results = []
-    for row_scores, row_ids in zip(scores, ids, strict=True):
-        if len(row_ids) == 0 or not np.all(np.isfinite(row_scores)):
-            raise GuardUnavailable("the index returned no usable neighbours")
+    for row_scores, row_ids in zip(scores.tolist(), ids.tolist(), strict=True):
         row = []
-        for score, idx in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
-            if idx < 0 or idx >= len(index.entries):
+        for score, idx in zip(row_scores, row_ids, strict=True):
+            if not 0 <= idx < count:
                 raise GuardUnavailable(f"the index returned an unknown neighbour id {idx}")
-            entry = index.entries[idx]
-            row.append(Match(intent=entry.intent, example=entry.text, score=float(score)))
+            entry = entries[idx]
+            row.append(Match(intent=entry.intent, example=entry.text, score=score))
         results.append(row)
     return results
 

@@ -39,7 +39,7 @@ from railproxy.errors import UpstreamError
 from railproxy.http1 import Http1Transport
 from railproxy.respond import Answer
 from railproxy.settings import Timeouts
-from railproxy.sse import Relay, StreamFailed, next_chunk
+from railproxy.sse import Relay, StreamFailed
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,15 @@ class Upstream:
         auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # The same on every request: built once, by whether the answer is streamed.
         self._headers = {
-            stream: {
-                **auth,
-                "content-type": "application/json",
-                "accept": "text/event-stream" if stream else "application/json",
-                "accept-encoding": "identity",
-                "user-agent": USER_AGENT,
-            }
+            stream: httpx.Headers(
+                {
+                    **auth,
+                    "content-type": "application/json",
+                    "accept": "text/event-stream" if stream else "application/json",
+                    "accept-encoding": "identity",
+                    "user-agent": USER_AGENT,
+                }
+            )
             for stream in (False, True)
         }
         self._transport = transport or Http1Transport(max_connections=max_connections)
@@ -120,25 +122,22 @@ class Upstream:
         response, deadline = await self._send(body, stream=False)
         chunks: list[bytes] = []
         size = 0
-        iterator = response.aiter_bytes()
+        idle = self.timeouts.upstream_stream_idle
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                try:
-                    chunk = await next_chunk(
-                        iterator, min(self.timeouts.upstream_stream_idle, deadline())
-                    )
-                except StopAsyncIteration:
-                    break
-                except TimeoutError as exc:
-                    raise timed_out("reading the answer") from exc
-                except httpx.HTTPError as exc:
-                    raise UpstreamFailure(
-                        "the upstream connection broke", code="upstream_error"
-                    ) from exc
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    raise _invalid("the upstream answer is too large")
-                chunks.append(chunk)
+            # One timer for the whole body, re-armed by each chunk: the idle deadline
+            # restarts with every chunk and never runs past the total deadline.
+            async with asyncio.timeout(min(idle, deadline())) as timer:
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        raise _invalid("the upstream answer is too large")
+                    chunks.append(chunk)
+                    timer.reschedule(loop.time() + min(idle, deadline()))
+        except TimeoutError as exc:
+            raise timed_out("reading the answer") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure("the upstream connection broke", code="upstream_error") from exc
         finally:
             await close(response)
         data = b"".join(chunks)
