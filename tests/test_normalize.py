@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from railproxy.normalize import normalize
+from railproxy.normalize import _normalize_unicode, normalize
 
 
 @pytest.mark.parametrize(
@@ -22,3 +22,12 @@ from railproxy.normalize import normalize
 )
 def test_normalize(raw: str, expected: str) -> None:
     assert normalize(raw) == expected
+
+
+def test_the_ascii_fast_path_equals_the_general_one() -> None:
+    """Every ASCII character, alone and between words, the way the full rule treats it."""
+    for code in range(128):
+        for text in (chr(code), f"re{chr(code)}fund", f" {chr(code)} x {chr(code)}"):
+            assert normalize(text) == _normalize_unicode(text), repr(text)
+    every = "".join(chr(code) for code in range(128)) * 3
+    assert normalize(every) == _normalize_unicode(every)

@@ -17,8 +17,23 @@ _KEEP_CONTROLS = frozenset("\t\n\r")  # whitespace, folded below rather than dro
 _SPACES = re.compile(r"\s+")
 
 
+# ASCII is its own NFKC form, and its only characters in the dropped categories are
+# the controls (Cc) other than tab, newline and carriage return.
+_ASCII_DROPPED = {
+    code: None
+    for code in range(128)
+    if chr(code) not in _KEEP_CONTROLS and unicodedata.category(chr(code)) in _DROP_CATEGORIES
+}
+
+
 def normalize(text: str) -> str:
     """Return `text` as the embedder sees it."""
+    if text.isascii():  # most prompts: the same result without a per-character loop
+        return _SPACES.sub(" ", text.translate(_ASCII_DROPPED)).strip()
+    return _normalize_unicode(text)
+
+
+def _normalize_unicode(text: str) -> str:
     folded = unicodedata.normalize("NFKC", text)
     kept = "".join(
         ch

@@ -114,21 +114,22 @@ class Intent(BaseModel):
         """The messages sent upstream; `user_text` is used only if the rail opted in."""
         if self.prompt is None:
             raise ValueError(f"intent {self.name!r} has no prompt")
+        # Plain pairs, not Message models: this runs on every approved request.
         raw = (
-            [Message(role="user", content=self.prompt)]
+            [("user", self.prompt)]
             if isinstance(self.prompt, str)
-            else list(self.prompt)
+            else [(message.role, message.content) for message in self.prompt]
         )
         substitute = self.pass_user_text and user_text is not None
         return [
             {
-                "role": message.role,
+                "role": role,
                 # str.replace, not str.format: operator text may contain braces.
-                "content": message.content.replace(USER_TEXT, user_text)
+                "content": content.replace(USER_TEXT, user_text)
                 if substitute and user_text is not None
-                else message.content,
+                else content,
             }
-            for message in raw
+            for role, content in raw
         ]
 
 
