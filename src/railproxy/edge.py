@@ -35,7 +35,8 @@ access_log = logging.getLogger("railproxy.access")
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-LIMITED_PATHS = frozenset({"/v1/chat/completions"})
+CHAT_PATH = "/v1/chat/completions"
+LIMITED_PATHS = frozenset({CHAT_PATH})
 # The decision label of a request answered before the guard decided, by status.
 EDGE_DECISIONS = {401: "unauthorized", 404: "not_found", 503: "overloaded", 500: "error"}
 NOT_FOUND = (
@@ -138,7 +139,9 @@ class Edge:
             return
         self.in_flight += 1
         self.metrics.in_flight.inc()
-        app = self.chat if self.chat is not None and scope["method"] == "POST" else self.app
+        app = self.app
+        if self.chat is not None and scope["method"] == "POST" and scope["path"] == CHAT_PATH:
+            app = self.chat
         try:
             await app(scope, receive, send)
         finally:
